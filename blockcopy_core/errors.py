@@ -1,0 +1,22 @@
+"""Errors raised by blockcopy, each naming what went wrong and where."""
+
+
+class BlockCopyError(RuntimeError):
+    """Base class of blockcopy's errors."""
+
+
+class UnsupportedOperationError(BlockCopyError):
+    """A model op cannot run block-sparse (it mixes spatial positions, or is not block-aligned)."""
+
+    def __init__(self, op: str, module_path: str, reason: str):
+        self.op = op
+        self.module_path = module_path
+        super().__init__(f"blockcopy cannot run '{op}' block-sparse (in module '{module_path}'): {reason}")
+
+
+class ControlFlowChangedError(BlockCopyError):
+    """The model ran a different sequence of spatial ops than on the clip's first frame."""
+
+
+class InvalidInputError(BlockCopyError, ValueError):
+    """A frame or execution grid that does not fit the clip (shape, dtype, values)."""

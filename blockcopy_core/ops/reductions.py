@@ -1,0 +1,82 @@
+"""Ops that need the whole image: global pooling and GroupNorm, computed from the layer's dense state."""
+from __future__ import annotations
+
+import torch
+
+from ..activation import SPATIAL, VECTOR, wrap
+from .common import bind, call, normalize_dims
+from .pointwise import channel_op, elementwise
+
+
+def _dense_input(ex, name, x):
+    """The dense (N, C, H_l, W_l) map behind ``x``: the map itself on a dense frame, else its state."""
+    if x.bc_halo is not None:
+        ex.unsupported(name, "it follows F.pad; only a convolution or pooling may consume a padded map")
+    site = ex.site(name)
+    if ex.dense_phase:
+        site.store(x)
+    else:
+        site.update(x, ex.index)
+    return site.dense
+
+
+def _global(ex, name, x, reduce):
+    """A per-stream vector from the dense map: (N, C, 1, 1) or (N, C)."""
+    return wrap(reduce(_dense_input(ex, name, x)), VECTOR)
+
+
+def mean(ex, name, func, args, kwargs):
+    x, dim, keepdim = bind(args, kwargs, ["input", "dim", "keepdim"], [None, None, False])
+    if x.bc_role != SPATIAL:
+        return elementwise(ex, name, func, args, kwargs)
+    dims = normalize_dims(dim, x.dim())
+    if dims == (1,):
+        return channel_op(ex, name, func, args, kwargs)
+    if dims != (x.dim() - 2, x.dim() - 1):
+        ex.unsupported(name, f"a mean over dims {dims} mixes blocks; only a global mean over (H, W) or a "
+                             "mean over channels is supported")
+    return _global(ex, name, x, lambda d: d.mean(dim=(-2, -1), keepdim=keepdim))
+
+
+def adaptive_pool(ex, name, func, args, kwargs):
+    x, output_size = bind(args, kwargs, ["input", "output_size"], [None, None])
+    if x.bc_role != SPATIAL:
+        return elementwise(ex, name, func, args, kwargs)
+    size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
+    if size not in ((1, 1), (1,)):
+        ex.unsupported(name, f"adaptive pooling to {output_size} is not block-aligned; only global pooling "
+                             "(output size 1) is supported")
+    if name == "adaptive_max_pool2d":
+        return _global(ex, name, x, lambda d: d.amax(dim=(-2, -1), keepdim=True))
+    return _global(ex, name, x, lambda d: d.mean(dim=(-2, -1), keepdim=True))
+
+
+def group_norm(ex, name, func, args, kwargs):
+    x, groups, weight, bias, eps = bind(args, kwargs, ["input", "num_groups", "weight", "bias", "eps"],
+                                        [None, None, None, None, 1e-5])
+    if x.bc_role != SPATIAL:
+        return elementwise(ex, name, func, args, kwargs)
+    dense = _dense_input(ex, name, x)
+    if ex.dense_phase:
+        return wrap(call(func, args, kwargs), SPATIAL)
+    n, c = dense.shape[:2]
+    var, mu = torch.var_mean(dense.reshape(n, groups, -1).float(), dim=-1, unbiased=False)  # (N, G)
+    inv_std = torch.rsqrt(var + eps)
+    tiles = x.as_subclass(torch.Tensor)
+    k, _, th, tw = tiles.shape
+    grouped = tiles.reshape(k, groups, -1).float()
+    stream = ex.index.stream
+    out = ((grouped - mu[stream, :, None]) * inv_std[stream, :, None]).reshape(k, c, th, tw).to(tiles.dtype)
+    if weight is not None:
+        out = out * weight.view(1, c, 1, 1)
+    if bias is not None:
+        out = out + bias.view(1, c, 1, 1)
+    return wrap(out, SPATIAL)
+
+
+HANDLERS = {
+    "mean": mean,
+    "adaptive_avg_pool2d": adaptive_pool,
+    "adaptive_max_pool2d": adaptive_pool,
+    "group_norm": group_norm,
+}

@@ -1,0 +1,38 @@
+"""Per-layer dense state: the block-sparse engine's memory of every op that needs spatial context."""
+from __future__ import annotations
+
+import torch
+
+from .grid import TileIndex
+from .tiles import gather_tiles, scatter_tiles
+
+
+class LayerState:
+    """The dense input map of one spatial op call site, kept across the frames of a clip.
+
+    Each executed block writes its fresh input tile here; blocks that are not executed keep the values
+    of their last execution. Reading a tile *with its halo* from this map therefore gives block padding:
+    current features where the neighbour executed this frame, stored ones where it did not, and the
+    op's own border fill outside the image.
+    """
+
+    def __init__(self, op: str, module_path: str):
+        self.op = op
+        self.module_path = module_path
+        self.dense: torch.Tensor | None = None  # (N, C, H_l, W_l)
+
+    def store(self, dense: torch.Tensor) -> None:
+        """Replace the whole map by a dense (N, C, H_l, W_l) input (a fully executed frame)."""
+        if self.dense is None or self.dense.shape != dense.shape or self.dense.dtype != dense.dtype:
+            self.dense = dense.detach().clone()
+        else:
+            self.dense.copy_(dense)
+
+    def update(self, tiles: torch.Tensor, index: TileIndex) -> None:
+        """Write the executed (K, C, T, T) input tiles into the map."""
+        scatter_tiles(self.dense, tiles, index)
+
+    def gather(self, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
+               border: str = "constant", value: float = 0.0) -> torch.Tensor:
+        """The executed tiles grown by ``halo`` (left, right, top, bottom): (K, C, T+t+b, T+l+r)."""
+        return gather_tiles(self.dense, index, tile_size, halo, border, value)
