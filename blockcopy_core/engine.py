@@ -22,6 +22,7 @@ from torch.utils import _pytree as pytree
 
 from .activation import SPATIAL, VECTOR, Activation, active_executor, wrap
 from .errors import ControlFlowChangedError, InvalidInputError, UnsupportedOperationError
+from .graphs import BucketGraphs
 from .grid import FrameGeometry, TileIndex
 from .ops import HANDLERS
 from .state import LayerState
@@ -61,11 +62,13 @@ class FrameStats:
 class _FrameExecutor:
     """Routes the ops of one forward to their handlers; the handlers' view of the engine."""
 
-    def __init__(self, engine: "BlockSparseModel", geometry: FrameGeometry, index: TileIndex | None):
+    def __init__(self, engine: "BlockSparseModel", geometry: FrameGeometry, index: TileIndex | None,
+                 recording: bool = False):
         self.engine = engine
         self.geometry = geometry
         self.index = index
         self.dense_phase = index is None
+        self.recording = recording
         self.cursor = 0
         self.macs = 0
 
@@ -87,7 +90,7 @@ class _FrameExecutor:
     def site(self, op: str) -> LayerState:
         """The state of the next spatial op call site, created on the clip's first frame."""
         layers = self.engine._layers
-        if self.dense_phase:
+        if self.recording:
             layers.append(LayerState(op, self.module_path))
         elif self.cursor >= len(layers) or (layers[self.cursor].op, layers[self.cursor].module_path) != (
                 op, self.module_path):
@@ -137,15 +140,28 @@ class BlockSparseModel(nn.Module):
     Build it with :func:`convert`. ``forward(x, grid)`` takes frames (N, C, H, W) and a bool execution
     grid (N, 1, H // block_size, W // block_size) (True = execute) and returns the model's output
     structure with dense tensors, where blocks not executed carry their last computed values.
+
+    On CUDA (with ``cuda_graphs=True``) the number of executed blocks is rounded up to a multiple of
+    1/16 of all N grids' blocks (the method's bucket rule): the extra blocks are drawn at random among
+    the blocks not selected, so the frame costs what its bucket costs and each bucket's forward is
+    replayed from a CUDA graph; the one host read per frame is the executed-block count.
+    ``executed_grid`` is the grid that actually ran. With ``dense_when_full=True`` a frame that executes
+    every block runs the model densely (same result, no tile overhead).
     """
 
-    def __init__(self, model: nn.Module, block_size: int):
+    BUCKETS = 16
+
+    def __init__(self, model: nn.Module, block_size: int, *, cuda_graphs: bool = True,
+                 dense_when_full: bool = True):
         super().__init__()
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
         self.model = copy.deepcopy(model, shared)  # own module tree (for hooks), the same weights
         self.block_size = block_size
+        self.cuda_graphs = cuda_graphs
+        self.dense_when_full = dense_when_full
+        self._graphs = BucketGraphs()
         self._module_stack: list[str] = []
         for name, module in self.model.named_modules():
             if name:
@@ -167,7 +183,9 @@ class BlockSparseModel(nn.Module):
         self._layers: list[LayerState] = []
         self._output_spec = None
         self._outputs: list[torch.Tensor] = []
+        self._graphs.clear()
         self.frame_state: torch.Tensor | None = None  # (N, C, H, W): each block's pixels at its last execution
+        self.executed_grid: torch.Tensor | None = None  # (N, 1, Gh, Gw) bool: the blocks the last frame ran
         self.last_stats: FrameStats | None = None
 
     @property
@@ -179,57 +197,106 @@ class BlockSparseModel(nn.Module):
     def forward(self, x: torch.Tensor, grid: torch.Tensor):
         geometry = FrameGeometry.of_frame(x, self.block_size)
         geometry.check_grid(grid, x.device)
-        if not bool(torch.isfinite(x).all()):
-            raise InvalidInputError("the frame contains NaN or infinite values")
-        if self._geometry is None:
-            if not bool(grid.all()):
-                raise InvalidInputError("the first frame after reset() must execute all blocks "
-                                        "(its grid must be all True)")
-            return self._run_dense(x, geometry)
-        if geometry != self._geometry or (x.dtype, x.device) != self._frame_format:
+        first = self._geometry is None
+        if not first and (geometry != self._geometry or (x.dtype, x.device) != self._frame_format):
             raise InvalidInputError(
                 f"frames changed mid-clip from {self._describe(self._geometry, *self._frame_format)} to "
                 f"{self._describe(geometry, x.dtype, x.device)}; call reset() to start a new clip")
-        return self._run_sparse(x, TileIndex.from_grid(grid), geometry)
+        executed, finite = torch.stack([grid.sum(), torch.isfinite(x).all()]).tolist()  # the one host read
+        if not finite:
+            raise InvalidInputError("the frame contains NaN or infinite values")
+        total = geometry.batch * geometry.blocks_per_frame
+        if first:
+            if executed != total:
+                raise InvalidInputError("the first frame after reset() must execute all blocks "
+                                        "(its grid must be all True)")
+            return self._start_clip(x, geometry)
+        graphed = self.cuda_graphs and x.is_cuda
+        if graphed and executed:
+            quantum = max(total // self.BUCKETS, 1)
+            executed = min(-(-executed // quantum) * quantum, total)
+        if executed == 0:
+            macs = 0
+            self.executed_grid = torch.zeros_like(grid)
+        else:
+            dense = executed == total and self.dense_when_full
+            body = self._refresh_dense if dense else lambda f, g: self._execute_tiles(f, g, executed, graphed)
+            if graphed:
+                macs = self._graphs.run("dense" if dense else executed, body, x, grid)
+            else:
+                macs = body(x, grid)
+        self.last_stats = FrameStats(executed, total, macs)
+        return self._current_outputs()
 
     @staticmethod
     def _describe(g: FrameGeometry, dtype, device) -> str:
         return f"N={g.batch} x {g.channels}x{g.height}x{g.width} ({dtype}, {device})"
 
-    def _run_dense(self, x: torch.Tensor, geometry: FrameGeometry):
+    def _start_clip(self, x: torch.Tensor, geometry: FrameGeometry):
+        """The first frame: run densely, recording every spatial op's state and the output structure."""
         self.reset()
-        executor = _FrameExecutor(self, geometry, None)
-        out = self._call_model(executor, wrap(x, SPATIAL))
-        leaves, spec = pytree.tree_flatten(out)
+        executor = _FrameExecutor(self, geometry, None, recording=True)
+        leaves, self._output_spec = pytree.tree_flatten(self._call_model(executor, wrap(x, SPATIAL)))
         for i, leaf in enumerate(leaves):
             self._check_output_leaf(i, leaf, geometry, dense=True)
-        self._output_spec = spec
         self._outputs = [leaf.as_subclass(torch.Tensor).clone() for leaf in leaves]
         self._geometry, self._frame_format = geometry, (x.dtype, x.device)
         self.frame_state = x.clone()
-        self.last_stats = FrameStats(geometry.batch * geometry.blocks_per_frame,
-                                     geometry.batch * geometry.blocks_per_frame, executor.macs)
+        self.executed_grid = torch.ones(geometry.grid_shape, dtype=torch.bool, device=x.device)
+        total = geometry.batch * geometry.blocks_per_frame
+        self.last_stats = FrameStats(total, total, executor.macs)
         return self._current_outputs()
 
-    def _run_sparse(self, x: torch.Tensor, index: TileIndex, geometry: FrameGeometry):
+    def _refresh_dense(self, x: torch.Tensor, grid: torch.Tensor) -> int:
+        """Execute every block densely, refreshing all states; returns the MACs run."""
+        executor = _FrameExecutor(self, self._geometry, None)
+        leaves = self._model_outputs(executor, wrap(x, SPATIAL))
+        for buffer, leaf in zip(self._outputs, leaves):
+            buffer.copy_(leaf.as_subclass(torch.Tensor))
+        self.frame_state.copy_(x)
+        self.executed_grid = torch.ones_like(grid)
+        return executor.macs
+
+    def _execute_tiles(self, x: torch.Tensor, grid: torch.Tensor, count: int, padded: bool) -> int:
+        """Run the model on ``count`` blocks: the grid's, plus random extras up to ``count`` if ``padded``."""
+        index = self._tile_index(grid, count, padded)
         tiles = extract_tiles(x, index, self.block_size)
         scatter_tiles(self.frame_state, tiles, index)
-        executor = _FrameExecutor(self, geometry, index)
-        if len(index):
-            out = self._call_model(executor, wrap(tiles, SPATIAL))
-            if executor.cursor != len(self._layers):
-                raise ControlFlowChangedError(
-                    f"the model ran {executor.cursor} spatial ops, but {len(self._layers)} on the clip's first "
-                    "frame; block-sparse execution needs the same op sequence on every frame of a clip")
-            leaves, spec = pytree.tree_flatten(out)
-            if spec != self._output_spec:
-                raise ControlFlowChangedError(f"the model's output structure changed from {self._output_spec} "
-                                              f"to {spec} since the clip's first frame")
-            for i, (leaf, buffer) in enumerate(zip(leaves, self._outputs)):
-                self._check_output_leaf(i, leaf, geometry, dense=False)
-                scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)
-        self.last_stats = FrameStats(len(index), geometry.batch * geometry.blocks_per_frame, executor.macs)
-        return self._current_outputs()
+        executor = _FrameExecutor(self, self._geometry, index)
+        leaves = self._model_outputs(executor, wrap(tiles, SPATIAL))
+        for buffer, leaf in zip(self._outputs, leaves):
+            scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)
+        executed = torch.zeros(grid.numel(), dtype=torch.bool, device=grid.device)
+        executed[index.stream * self._geometry.blocks_per_frame + index.row * self._geometry.grid_width
+                 + index.col] = True
+        self.executed_grid = executed.view(grid.shape)
+        return executor.macs
+
+    def _tile_index(self, grid: torch.Tensor, count: int, padded: bool) -> TileIndex:
+        """``count`` blocks in row-major order: the grid's True blocks, then random others if ``padded``."""
+        flat = grid.flatten()
+        priority = flat.float() * 2
+        if padded:
+            priority = priority + torch.rand(flat.shape, device=flat.device)
+        chosen = priority.topk(count, sorted=False).indices.sort().values
+        per_stream, width = self._geometry.blocks_per_frame, self._geometry.grid_width
+        within = chosen % per_stream
+        return TileIndex(chosen // per_stream, within // width, within % width)
+
+    def _model_outputs(self, executor: _FrameExecutor, x: Activation) -> list:
+        """Run the model on ``x`` and check it behaved as on the clip's first frame."""
+        out = self._call_model(executor, x)
+        if executor.cursor != len(self._layers):
+            raise ControlFlowChangedError(
+                f"the model ran {executor.cursor} spatial ops, but {len(self._layers)} on the clip's first "
+                "frame; block-sparse execution needs the same op sequence on every frame of a clip")
+        leaves, spec = pytree.tree_flatten(out)
+        if spec != self._output_spec:
+            raise ControlFlowChangedError(f"the model's output structure changed from {self._output_spec} "
+                                          f"to {spec} since the clip's first frame")
+        for i, leaf in enumerate(leaves):
+            self._check_output_leaf(i, leaf, self._geometry, dense=executor.dense_phase)
+        return leaves
 
     def _call_model(self, executor: _FrameExecutor, x: Activation):
         self._module_stack.clear()
@@ -248,11 +315,14 @@ class BlockSparseModel(nn.Module):
         self._check_stride("output", "<model>", leaf.shape[-2:], geometry, dense)
 
     def _check_stride(self, op: str, module_path: str, size, geometry: FrameGeometry, dense: bool) -> None:
-        """A map of ``size`` (H_l, W_l) must have one integer stride dividing the block size."""
+        """A map of ``size`` (H_l, W_l) must be the frame scaled by 1/s in both dims, s dividing the block
+        size (s = 1/m for maps upsampled m times beyond the frame)."""
         extent = (geometry.height, geometry.width) if dense else (self.block_size, self.block_size)
         h, w = int(size[0]), int(size[1])
-        if h == 0 or w == 0 or extent[0] % h or extent[1] % w or extent[0] // h != extent[1] // w \
-                or self.block_size % (extent[0] // h):
+        downsampled = h and w and not (extent[0] % h or extent[1] % w) and extent[0] // h == extent[1] // w \
+            and self.block_size % (extent[0] // h) == 0
+        upsampled = h and w and not (h % extent[0] or w % extent[1]) and h // extent[0] == w // extent[1]
+        if not (downsampled or upsampled):
             stride = f"{extent[0] / h:g}x{extent[1] / w:g}" if h and w else "undefined"
             raise UnsupportedOperationError(
                 op, module_path, f"its output has stride {stride} relative to the frame, which does not divide "
@@ -260,10 +330,11 @@ class BlockSparseModel(nn.Module):
                                  "every layer's stride")
 
 
-def convert(model: nn.Module, block_size: int) -> BlockSparseModel:
+def convert(model: nn.Module, block_size: int, **options) -> BlockSparseModel:
     """Wrap ``model`` for block-sparse execution with square blocks of ``block_size`` pixels.
 
     The returned module shares ``model``'s parameters and buffers (no copy of the weights). Put the model
-    in eval mode: BatchNorm and dropout in training mode cannot run block-sparse.
+    in eval mode: BatchNorm and dropout in training mode cannot run block-sparse. ``options`` are those
+    of :class:`BlockSparseModel` (``cuda_graphs``, ``dense_when_full``).
     """
-    return BlockSparseModel(model, block_size)
+    return BlockSparseModel(model, block_size, **options)

@@ -1,0 +1,7 @@
+"""blockcopy's Detectron2 plugin: block-sparse Detectron2 models configured under cfg.MODEL.BLOCKCOPY."""
+try:
+    import detectron2  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "blockcopy_d2 needs Detectron2, and the package 'detectron2' is not installed; run "
+        "tools/install_stack.sh (or install detectron2 into this environment)") from error

@@ -92,10 +92,12 @@ def split_along(ex, name, func, args, kwargs):
 def channel_op(ex, name, func, args, kwargs):
     """softmax / log_softmax / channel reductions: position-wise when taken along channels."""
     x, dim = bind(args, kwargs, ["input", "dim"], [None, None])
-    if name in ("sum", "amax", "amin", "mean", "argmax", "argmin") and dim is not None \
-            and not isinstance(dim, int) and len(dim) == 1:
-        dim = dim[0]
-    _check_channel_dim(ex, name, x, dim)
+    if dim is None:
+        ex.unsupported(name, "no dim given: it would act across all dims, spatial positions included")
+    dims = normalize_dims(dim, x.dim())
+    if len(dims) != 1:
+        ex.unsupported(name, f"it reduces dims {dims} together; only the channel dim (1) keeps positions apart")
+    _check_channel_dim(ex, name, x, dims[0])
     return elementwise(ex, name, func, args, kwargs)
 
 
