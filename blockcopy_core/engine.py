@@ -26,7 +26,7 @@ from .graphs import BucketGraphs
 from .grid import FrameGeometry, TileIndex
 from .ops import HANDLERS
 from .state import LayerState
-from .tiles import extract_tiles, scatter_tiles
+from .tiles import block_tile_map, extract_tiles, scatter_tiles
 
 _OP_NAMES: dict = {}
 
@@ -69,6 +69,7 @@ class _FrameExecutor:
         self.index = index
         self.dense_phase = index is None
         self.recording = recording
+        self._tile_map = None
         self.cursor = 0
         self.macs = 0
 
@@ -102,6 +103,15 @@ class _FrameExecutor:
                 "block-sparse execution needs the same op sequence on every frame of a clip")
         self.cursor += 1
         return layers[self.cursor - 1]
+
+    @property
+    def tile_map(self) -> torch.Tensor | None:
+        """(N, Gh, Gw) int32 tile number of each executed block (-1 elsewhere), shared by all layers of
+        the frame; built on CUDA only, where the fused update-and-gather kernel reads it."""
+        if self._tile_map is None and self.index is not None and self.index.stream.is_cuda:
+            g = self.geometry
+            self._tile_map = block_tile_map(self.index, (g.batch, g.grid_height, g.grid_width))
+        return self._tile_map
 
     def add_macs(self, macs: int) -> None:
         self.macs += int(macs)
@@ -217,14 +227,16 @@ class BlockSparseModel(nn.Module):
             executed = min(-(-executed // quantum) * quantum, total)
         if executed == 0:
             macs = 0
-            self.executed_grid = torch.zeros_like(grid)
+            self.executed_grid.zero_()
+        elif executed == total and self.dense_when_full:
+            macs = self._graphs.run("dense", self._refresh_dense, x) if graphed else self._refresh_dense(x)
+        elif graphed:
+            # random priorities for the extra blocks, drawn outside the graph: replays draw nothing
+            noise = torch.rand(grid.shape, device=grid.device)
+            body = lambda f, g, r: self._execute_tiles(f, g, executed, r)
+            macs = self._graphs.run(executed, body, x, grid, noise)
         else:
-            dense = executed == total and self.dense_when_full
-            body = self._refresh_dense if dense else lambda f, g: self._execute_tiles(f, g, executed, graphed)
-            if graphed:
-                macs = self._graphs.run("dense" if dense else executed, body, x, grid)
-            else:
-                macs = body(x, grid)
+            macs = self._execute_tiles(x, grid, executed, None)
         self.last_stats = FrameStats(executed, total, macs)
         return self._current_outputs()
 
@@ -247,37 +259,39 @@ class BlockSparseModel(nn.Module):
         self.last_stats = FrameStats(total, total, executor.macs)
         return self._current_outputs()
 
-    def _refresh_dense(self, x: torch.Tensor, grid: torch.Tensor) -> int:
+    # The two frame bodies below may be captured in CUDA graphs: everything they leave behind must be
+    # written in place into buffers allocated on the clip's first frame, never rebound.
+
+    def _refresh_dense(self, x: torch.Tensor) -> int:
         """Execute every block densely, refreshing all states; returns the MACs run."""
         executor = _FrameExecutor(self, self._geometry, None)
         leaves = self._model_outputs(executor, wrap(x, SPATIAL))
         for buffer, leaf in zip(self._outputs, leaves):
             buffer.copy_(leaf.as_subclass(torch.Tensor))
         self.frame_state.copy_(x)
-        self.executed_grid = torch.ones_like(grid)
+        self.executed_grid.fill_(True)
         return executor.macs
 
-    def _execute_tiles(self, x: torch.Tensor, grid: torch.Tensor, count: int, padded: bool) -> int:
-        """Run the model on ``count`` blocks: the grid's, plus random extras up to ``count`` if ``padded``."""
-        index = self._tile_index(grid, count, padded)
+    def _execute_tiles(self, x: torch.Tensor, grid: torch.Tensor, count: int,
+                       noise: torch.Tensor | None) -> int:
+        """Run the model on ``count`` blocks: the grid's, plus extras ranked by ``noise`` (in [0, 1))."""
+        index = self._tile_index(grid, count, noise)
         tiles = extract_tiles(x, index, self.block_size)
         scatter_tiles(self.frame_state, tiles, index)
         executor = _FrameExecutor(self, self._geometry, index)
         leaves = self._model_outputs(executor, wrap(tiles, SPATIAL))
         for buffer, leaf in zip(self._outputs, leaves):
             scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)
-        executed = torch.zeros(grid.numel(), dtype=torch.bool, device=grid.device)
-        executed[index.stream * self._geometry.blocks_per_frame + index.row * self._geometry.grid_width
-                 + index.col] = True
-        self.executed_grid = executed.view(grid.shape)
+        blocks = index.stream * self._geometry.blocks_per_frame + index.row * self._geometry.grid_width + index.col
+        self.executed_grid.view(-1).zero_().index_fill_(0, blocks, True)
         return executor.macs
 
-    def _tile_index(self, grid: torch.Tensor, count: int, padded: bool) -> TileIndex:
-        """``count`` blocks in row-major order: the grid's True blocks, then random others if ``padded``."""
+    def _tile_index(self, grid: torch.Tensor, count: int, noise: torch.Tensor | None) -> TileIndex:
+        """``count`` blocks in row-major order: the grid's True blocks, then others ranked by ``noise``."""
         flat = grid.flatten()
         priority = flat.float() * 2
-        if padded:
-            priority = priority + torch.rand(flat.shape, device=flat.device)
+        if noise is not None:
+            priority = priority + noise.flatten()
         chosen = priority.topk(count, sorted=False).indices.sort().values
         per_stream, width = self._geometry.blocks_per_frame, self._geometry.grid_width
         within = chosen % per_stream

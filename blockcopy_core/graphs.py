@@ -7,19 +7,27 @@ bucket's forward is captured once and then replayed on static input buffers.
 """
 from __future__ import annotations
 
+import gc
+import warnings
 from typing import Callable, Hashable
 
 import torch
 
-Body = Callable[[torch.Tensor, torch.Tensor], int]
+Body = Callable[..., int]
+_WARMUP_RUNS = 3  # eager runs before a capture (lazy initialisation, cuDNN heuristics), as torch advises
 
 
 class BucketGraphs:
-    """One captured CUDA graph per bucket, all sharing one memory pool (they never run concurrently)."""
+    """One captured CUDA graph per bucket, all sharing one memory pool (they never run concurrently).
+
+    A body must be idempotent for the same inputs and keep its results in buffers allocated before the
+    capture (written in place), since a replay re-runs only the recorded kernels. A bucket whose capture
+    fails (an op that cannot be captured) runs eagerly from then on, with a warning.
+    """
 
     def __init__(self):
-        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, int]] = {}
-        self._static: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph | None, int]] = {}
+        self._static: list[torch.Tensor] | None = None
         self._pool = None
 
     def clear(self) -> None:
@@ -27,32 +35,48 @@ class BucketGraphs:
         self._static = None
 
     def __len__(self) -> int:
-        return len(self._graphs)
+        return sum(graph is not None for graph, _ in self._graphs.values())
 
-    def run(self, key: Hashable, body: Body, frames: torch.Tensor, grid: torch.Tensor) -> int:
-        """Run ``body(frames, grid)`` (which returns its MAC count) through the graph of ``key``.
+    def run(self, key: Hashable, body: Body, *inputs: torch.Tensor) -> int:
+        """Run ``body(*inputs)`` (which returns its MAC count) through the graph of ``key``.
 
-        The first call of a key runs ``body`` eagerly on a side stream (it computes the frame and warms
-        up cuDNN) and then captures it; later calls only copy the inputs and replay.
+        The first call of a key runs ``body`` eagerly on a side stream (computing this frame) and then
+        captures it; later calls only copy the inputs into the static buffers and replay.
         """
         if self._static is None:
-            self._static = (torch.empty_like(frames), torch.empty_like(grid))
-        static_frames, static_grid = self._static
-        static_frames.copy_(frames)
-        static_grid.copy_(grid)
+            self._static = [torch.empty_like(t) for t in inputs]
+        for static, value in zip(self._static, inputs):
+            static.copy_(value)
         if key in self._graphs:
             graph, macs = self._graphs[key]
+            if graph is None:
+                return body(*self._static)
             graph.replay()
             return macs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            macs = body(static_frames, static_grid)
+            for _ in range(_WARMUP_RUNS):
+                macs = body(*self._static)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            body(static_frames, static_grid)
+        # A garbage collection during the capture could free another graph or CUDA memory, which is not
+        # permitted while a stream captures: collect before, and not during.
+        gc.collect()
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                body(*self._static)
+        except RuntimeError as error:
+            warnings.warn(f"blockcopy: capturing the CUDA graph of bucket {key!r} failed ({error}); this "
+                          "bucket runs eagerly", RuntimeWarning, stacklevel=3)
+            torch.cuda.synchronize()
+            graph = None
+        finally:
+            if collecting:
+                gc.enable()
         self._graphs[key] = (graph, macs)
         return macs

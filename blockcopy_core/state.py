@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .grid import TileIndex
-from .tiles import gather_tiles, scatter_tiles
+from .tiles import gather_tiles, scatter_tiles, update_and_gather
 
 
 class LayerState:
@@ -31,6 +31,12 @@ class LayerState:
     def update(self, tiles: torch.Tensor, index: TileIndex) -> None:
         """Write the executed (K, C, T, T) input tiles into the map."""
         scatter_tiles(self.dense, tiles, index)
+
+    def update_and_gather(self, tiles: torch.Tensor, index: TileIndex, halo: tuple[int, int, int, int],
+                          border: str = "constant", value: float = 0.0,
+                          tile_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``update`` then ``gather`` of the same blocks (one fused pass where the kernels have one)."""
+        return update_and_gather(self.dense, tiles, index, halo, border, value, tile_map)
 
     def gather(self, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
                border: str = "constant", value: float = 0.0) -> torch.Tensor:

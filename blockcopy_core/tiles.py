@@ -1,19 +1,28 @@
-"""Moving tiles between dense per-layer state and batches of tiles (reference, pure PyTorch).
+"""Moving tiles between dense per-layer state and batches of tiles.
 
 A layer's *state* is a dense (N, C, Gh * T, Gw * T) tensor; its *tiles* are a (K, C, T, T) batch,
-tile k covering block (stream[k], row[k], col[k]) of the grid. These are the engine's hot operations;
-``kernels/`` holds their CUDA versions, which must match these exactly.
+tile k covering block (stream[k], row[k], col[k]) of the grid. These are the engine's hot operations.
+
+On CUDA tensors (float16, bfloat16, float32, float64; NCHW- or channels_last-contiguous state) they run
+the kernels of ``kernels/`` (see :mod:`blockcopy_core.cuda_kernels`); elsewhere, or with
+``BLOCKCOPY_DISABLE_CUDA_KERNELS=1``, the pure-PyTorch ``*_reference`` functions below, which define
+the semantics and are the kernels' test oracle. Both paths return gathered tiles in the state's memory
+order (channels_last when the state is channels_last, for fast cuDNN convolutions on them).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import cuda_kernels
+from .errors import InvalidInputError
 from .grid import TileIndex
 
 # How a gathered halo is filled outside the image: zeros (convolution), -inf (max pooling), or the
 # border pixel repeated (interpolation clamps coordinates), or any mode F.pad knows.
 BORDER_MODES = ("constant", "replicate", "reflect", "circular")
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def extract_tiles(frames: torch.Tensor, index: TileIndex, tile_size: int) -> torch.Tensor:
@@ -23,10 +32,12 @@ def extract_tiles(frames: torch.Tensor, index: TileIndex, tile_size: int) -> tor
 
 def scatter_tiles(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) -> None:
     """Write (K, C, T, T) tiles into their blocks of the dense (N, C, Gh*T, Gw*T) ``state``, in place."""
-    n, c, h, w = state.shape
-    t = tiles.shape[-1]
-    blocks = state.view(n, c, h // t, t, w // t, t)
-    blocks[index.stream, :, index.row, :, index.col, :] = tiles.to(state.dtype)
+    kernels = _kernels(state)
+    if kernels is None or tiles.device != state.device:
+        scatter_tiles_reference(state, tiles, index)
+        return
+    tiles = tiles.to(state.dtype).contiguous(memory_format=_memory_format(state))
+    kernels.scatter_tiles(state, tiles, *_index_tensors(index, state.device))
 
 
 def gather_tiles(state: torch.Tensor, index: TileIndex, tile_size: int,
@@ -40,12 +51,76 @@ def gather_tiles(state: torch.Tensor, index: TileIndex, tile_size: int,
         tile_size: T, the block size at this map's resolution.
         halo: (left, right, top, bottom) pixels added around each tile; they come from the
             neighbouring blocks of ``state``, and outside the image from ``border``/``value``.
-        border: F.pad mode used outside the image.
+        border: F.pad mode used outside the image ("reflect" needs a halo smaller than the map,
+            "circular" one no larger).
         value: fill value for ``border="constant"``.
 
     Returns:
-        (K, C, T + top + bottom, T + left + right).
+        (K, C, T + top + bottom, T + left + right), in ``state``'s memory order.
     """
+    _check_halo(state, halo, border)
+    kernels = _kernels(state)
+    if kernels is None:
+        return gather_tiles_reference(state, index, tile_size, halo, border, value)
+    return kernels.gather_tiles(state, *_index_tensors(index, state.device), tile_size, *halo, border,
+                                float(value))
+
+
+def update_and_gather(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex,
+                      halo: tuple[int, int, int, int] = (0, 0, 0, 0), border: str = "constant",
+                      value: float = 0.0, tile_map: torch.Tensor | None = None) -> torch.Tensor:
+    """``scatter_tiles(state, tiles, index)``, then ``gather_tiles`` of the same blocks with ``halo``.
+
+    On CUDA with a channels_last state this is one pass (measured about 1.3x faster than the two
+    calls; for NCHW states the two kernels run, the fused one being slower there): tile interiors come
+    straight from ``tiles``, halo pixels from the tile of their block when that block is executed and
+    from ``state`` otherwise.
+
+    Args:
+        state: (N, C, Gh*T, Gw*T) dense map, updated in place.
+        tiles: (K, C, T, T) fresh tiles of the K executed blocks.
+        tile_map: :func:`block_tile_map` of ``index``; the same (N, Gh, Gw) map serves every layer of
+            a frame (all share the block grid), so build it once per frame. Built here when None.
+
+    Returns:
+        (K, C, T + top + bottom, T + left + right), in ``state``'s memory order.
+    """
+    _check_halo(state, halo, border)
+    t = tiles.shape[-1]
+    kernels = _kernels(state)
+    fused = (kernels is not None and tiles.device == state.device and state.shape[-2] % t == 0
+             and state.shape[-1] % t == 0 and _memory_format(state) == torch.channels_last)
+    if not fused:
+        scatter_tiles(state, tiles, index)
+        return gather_tiles(state, index, t, halo, border, value)
+    if tile_map is None:
+        tile_map = block_tile_map(index, (state.shape[0], state.shape[2] // t, state.shape[3] // t))
+    tiles = tiles.to(state.dtype).contiguous(memory_format=_memory_format(state))
+    return kernels.update_and_gather(state, tiles, *_index_tensors(index, state.device), tile_map, *halo,
+                                     border, float(value))
+
+
+def block_tile_map(index: TileIndex, grid_shape: tuple[int, int, int]) -> torch.Tensor:
+    """(N, Gh, Gw) int32 map from each block to its tile number in ``index``, -1 where not executed."""
+    device = index.stream.device
+    numbers = torch.full(grid_shape, -1, dtype=torch.int32, device=device)
+    numbers[index.stream, index.row, index.col] = torch.arange(len(index), dtype=torch.int32, device=device)
+    return numbers
+
+
+def scatter_tiles_reference(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) -> None:
+    """Pure-PyTorch :func:`scatter_tiles`."""
+    n, c, h, w = state.shape
+    t = tiles.shape[-1]
+    blocks = state.view(n, c, h // t, t, w // t, t)
+    blocks[index.stream, :, index.row, :, index.col, :] = tiles.to(state.dtype)
+
+
+def gather_tiles_reference(state: torch.Tensor, index: TileIndex, tile_size: int,
+                           halo: tuple[int, int, int, int] = (0, 0, 0, 0), border: str = "constant",
+                           value: float = 0.0) -> torch.Tensor:
+    """Pure-PyTorch :func:`gather_tiles` (pads a copy of the whole state)."""
+    memory_format = _memory_format(state)
     left, right, top, bottom = halo
     if any(halo):
         state = F.pad(state, (left, right, top, bottom), mode=border,
@@ -55,4 +130,39 @@ def gather_tiles(state: torch.Tensor, index: TileIndex, tile_size: int,
     rows = (index.row * tile_size)[:, None] + steps_y  # (K, Th) in padded coordinates
     cols = (index.col * tile_size)[:, None] + steps_x  # (K, Tw)
     tiles = state[index.stream[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (K, Th, Tw, C)
-    return tiles.permute(0, 3, 1, 2).contiguous()
+    return tiles.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+def _memory_format(state: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last-contiguous state (not also NCHW-contiguous), else NCHW."""
+    if not state.is_contiguous() and state.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _kernels(state: torch.Tensor):
+    """The CUDA kernel module when it serves ``state``, else None (use the reference)."""
+    if not state.is_cuda or state.dtype not in _KERNEL_DTYPES or state.dim() != 4:
+        return None
+    if not (state.is_contiguous() or state.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    return cuda_kernels.load() if cuda_kernels.available() else None
+
+
+def _index_tensors(index: TileIndex, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """stream, row, col as int64 on ``device``; strided views (columns of nonzero()) are kept as is."""
+    return tuple(t if t.device == device and t.dtype == torch.int64 else t.to(device, torch.int64)
+                 for t in (index.stream, index.row, index.col))
+
+
+def _check_halo(state: torch.Tensor, halo: tuple[int, int, int, int], border: str) -> None:
+    if border not in BORDER_MODES:
+        raise InvalidInputError(f"border must be one of {BORDER_MODES}, got {border!r}")
+    if len(halo) != 4 or min(halo) < 0:
+        raise InvalidInputError(f"halo must be 4 non-negative ints (left, right, top, bottom), got {halo}")
+    h, w = state.shape[-2:]
+    most_x, most_y = max(halo[0], halo[1]), max(halo[2], halo[3])
+    if border == "reflect" and (most_x >= w or most_y >= h):
+        raise InvalidInputError(f"a reflect halo {halo} must be smaller than the {h}x{w} map")
+    if border == "circular" and (most_x > w or most_y > h):
+        raise InvalidInputError(f"a circular halo {halo} must not exceed the {h}x{w} map")

@@ -50,9 +50,7 @@ if [[ ! -f "$d2_wheel" ]]; then
   mv "$tmp"/sal_detectron2-*.whl "$d2_wheel"
   rm -rf "$tmp"
 fi
-"${pip[@]}" install -q --no-deps "$d2_wheel"
-"${pip[@]}" install -q yacs tabulate termcolor cloudpickle "omegaconf>=2.1,<2.4" "hydra-core>=1.1" \
-  black pydot
+"${pip[@]}" install -q "$d2_wheel" -c "$ROOT/requirements.txt"
 
 # mmcv with compiled ops, built against the installed torch (its wheel is tied to torch and Python).
 mmcv_wheel_dir="$CACHE/mmcv-$MMCV_VERSION-torch$torchver-$pyver"

@@ -61,9 +61,7 @@ def _run_window(ex, name, x, run_dense, run_tiles, kernel, stride, dilation, pad
         return out
     tiles = x.as_subclass(torch.Tensor)
     if any(halo):
-        site = ex.site(name)
-        site.update(tiles, ex.index)
-        tiles = site.gather(ex.index, x.shape[-1], halo, border, value)
+        tiles = ex.site(name).update_and_gather(tiles, ex.index, halo, border, value, ex.tile_map)
     return run_tiles(tiles)
 
 
@@ -104,11 +102,10 @@ def conv_transpose2d(ex, name, func, args, kwargs):
     # grown tile is then cropped from s*before + p.
     before = [max(math.floor((d * (k - 1) - p) / s), 0) for k, s, p, d in zip(kernel, stride, padding, dilation)]
     after = [(s - 1 + p) // s for s, p in zip(stride, padding)]
-    site = ex.site(name)
     tiles = x.as_subclass(torch.Tensor)
-    site.update(tiles, ex.index)
     t = tiles.shape[-1]
-    grown = site.gather(ex.index, t, (before[1], after[1], before[0], after[0]))
+    grown = ex.site(name).update_and_gather(tiles, ex.index, (before[1], after[1], before[0], after[0]),
+                                            tile_map=ex.tile_map)
     full = F.conv_transpose2d(grown, weight, bias, stride, 0, 0, groups, dilation)
     start = [s * b + p for s, b, p in zip(stride, before, padding)]
     size = [s * t for s in stride]
@@ -162,10 +159,8 @@ def pad(ex, name, func, args, kwargs):
     if ex.dense_phase:
         ex.site(name).store(x)
         return wrap(call(func, args, kwargs), SPATIAL, pads)
-    site = ex.site(name)
-    tiles = x.as_subclass(torch.Tensor)
-    site.update(tiles, ex.index)
-    grown = site.gather(ex.index, tiles.shape[-1], pads, mode, 0.0 if value is None else value)
+    grown = ex.site(name).update_and_gather(x.as_subclass(torch.Tensor), ex.index, pads, mode,
+                                            0.0 if value is None else value, ex.tile_map)
     return wrap(grown, SPATIAL, pads)
 
 
@@ -180,9 +175,7 @@ def _upsample(ex, name, x, run_dense, run, factor, halo_px: Halo, border="replic
     tiles = x.as_subclass(torch.Tensor)
     t = tiles.shape[-1]
     if any(halo_px):
-        site = ex.site(name)
-        site.update(tiles, ex.index)
-        tiles = site.gather(ex.index, t, halo_px, border)
+        tiles = ex.site(name).update_and_gather(tiles, ex.index, halo_px, border, tile_map=ex.tile_map)
     out = run(tiles)
     left, _, top, _ = halo_px
     out = out[..., top * factor:(top + t) * factor, left * factor:(left + t) * factor]

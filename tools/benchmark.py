@@ -1,0 +1,202 @@
+#!/usr/bin/env python
+"""Dense vs block-sparse speed of the same model, in one run, on a CUDA GPU.
+
+For each model, dtype, batch N (streams) and executed fraction f, three per-frame times are measured
+with CUDA events as the median over ``--frames`` frames after ``--warmup`` frames:
+
+- dense: the model at its best (channels_last, the given dtype, one CUDA graph), frames copied into
+  its static input and the output copied out, as a video loop would;
+- block-sparse: ``blockcopy_core.convert(model, block)`` on random grids executing round(f * B) blocks
+  per stream (rounded up to the 1/16 bucket), the whole ``forward`` call including its host read;
+- tiles only: the same model (CUDA graph) on the batch of executed tiles alone, with plain zero padding
+  and no state: the convolution time the sparse run cannot avoid. ``sparse - tiles`` is the engine's
+  overhead (state scatter, halo gathers, output scatter, bucket bookkeeping), as in the paper's Table 3.
+
+With ``--profile``, one eager sparse frame per configuration is also run under the PyTorch profiler
+and its GPU kernel time is split into convolutions, the engine's tile kernels (gather / scatter /
+state) and everything else (norms, activations, pooling, bookkeeping).
+
+Prints a table and writes a JSON file.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+import blockcopy_core as bc
+
+TRUNKS = {
+    "resnet50": torchvision.models.resnet50,
+    "resnet101": torchvision.models.resnet101,
+}
+
+
+def trunk(name: str) -> torch.nn.Module:
+    return torch.nn.Sequential(*list(TRUNKS[name]().children())[:-2]).eval()
+
+
+def graphed(fn, example: torch.Tensor):
+    """``fn`` captured in a CUDA graph; returns call(x) -> output copy."""
+    static_in = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def call(x):
+        static_in.copy_(x)
+        graph.replay()
+        return static_out.clone()
+
+    return call
+
+
+def median_ms(step, frames: int, warmup: int) -> float:
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(frames):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step(warmup + i)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def kernel_breakdown(sparse, frames: torch.Tensor, grid: torch.Tensor) -> dict[str, float]:
+    """GPU kernel time (ms) of one eager sparse frame, by kind of kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graphs, sparse.cuda_graphs = sparse.cuda_graphs, False
+    sparse(frames, grid)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        sparse(frames, grid)
+        torch.cuda.synchronize()
+    sparse.cuda_graphs = graphs
+    totals = {"convolution": 0.0, "tile_kernels": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key.lower()
+        if any(k in name for k in ("copy_rows_kernel", "gather_kernel")):  # kernels/tiles.cu
+            kind = "tile_kernels"
+        elif any(k in name for k in ("conv", "xmma", "implicit", "gemm", "cudnn", "sm90", "wgrad", "dgrad")):
+            kind = "convolution"
+        else:
+            kind = "other"
+        totals[kind] += event.device_time_total / 1e3
+    return totals
+
+
+def random_grids(count: int, n: int, gh: int, gw: int, fraction: float, device) -> list[torch.Tensor]:
+    """Grids executing exactly round(fraction * B) random blocks per stream."""
+    per_stream = round(fraction * gh * gw)
+    grids = []
+    for _ in range(count):
+        scores = torch.rand(n, gh * gw, device=device)
+        chosen = scores.topk(per_stream, dim=1).indices
+        grid = torch.zeros(n, gh * gw, dtype=torch.bool, device=device).scatter_(1, chosen, True)
+        grids.append(grid.view(n, 1, gh, gw))
+    return grids
+
+
+@torch.no_grad()
+def measure(model_name, dtype, n, fractions, height, width, block, frames, warmup, profile) -> list[dict]:
+    device = torch.device("cuda")
+    model = trunk(model_name).to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    video = [torch.randn(n, 3, height, width, device=device, dtype=dtype).contiguous(
+        memory_format=torch.channels_last) for _ in range(4)]
+    dense = graphed(model, video[0])
+    dense_ms = median_ms(lambda i: dense(video[i % 4]), frames, warmup)
+    dense_macs = bc.count_macs(model, video[0])
+
+    gh, gw = height // block, width // block
+    rows = []
+    for fraction in fractions:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        sparse = bc.convert(model, block)
+        sparse(video[0], torch.ones(n, 1, gh, gw, dtype=torch.bool, device=device))
+        grids = random_grids(16, n, gh, gw, fraction, device)
+        sparse_ms = median_ms(lambda i: sparse(video[i % 4], grids[i % 16]), frames, warmup)
+        executed = sparse.last_stats.executed_blocks
+        memory = (torch.cuda.max_memory_allocated() - before) / n
+        tiles = torch.randn(executed, 3, block, block, device=device, dtype=dtype).contiguous(
+            memory_format=torch.channels_last)
+        tiles_only = graphed(model, tiles)
+        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup)
+        breakdown = kernel_breakdown(sparse, video[1], grids[0]) if profile else {}
+        rows.append({
+            "model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": n, "fraction": fraction,
+            "executed_fraction": executed / (n * gh * gw), "dense_ms": dense_ms, "sparse_ms": sparse_ms,
+            "tiles_only_ms": tiles_ms, "overhead_ms": sparse_ms - tiles_ms, "speedup": dense_ms / sparse_ms,
+            "ideal_speedup": 1 / fraction, "dense_gmacs_per_stream": dense_macs / n / 1e9,
+            "sparse_gmacs_per_stream": sparse.last_stats.macs / n / 1e9,
+            "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs),
+            **{f"kernel_ms_{k}": v for k, v in breakdown.items()},
+        })
+        del sparse, tiles_only
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet50,resnet101")
+    parser.add_argument("--dtypes", default="fp16,fp32")
+    parser.add_argument("--batches", default="1,4")
+    parser.add_argument("--fractions", default="0.1,0.3,0.5,1.0")
+    parser.add_argument("--size", default="1024x2048", help="frame HxW (default 1024x2048)")
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--frames", type=int, default=50, help="timed frames per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--json", default="benchmark.json")
+    parser.add_argument("--profile", action="store_true", help="add a per-kind GPU kernel time breakdown")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/benchmark.py measures GPU speed and needs a CUDA device")
+    torch.backends.cudnn.benchmark = True
+    height, width = (int(v) for v in args.size.split("x"))
+    dtypes = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
+    configs = [(m, d, int(n)) for m in args.models.split(",") for d in args.dtypes.split(",")
+               for n in args.batches.split(",")]
+    fractions = [float(f) for f in args.fractions.split(",")]
+    rows = []
+    for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
+        rows += measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
+                        args.frames, args.warmup, args.profile)
+    environment = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(), "size": f"{height}x{width}", "block": args.block,
+        "frames": args.frames, "warmup": args.warmup,
+    }
+    with open(args.json, "w") as f:
+        json.dump({"environment": environment, "results": rows}, f, indent=1)
+    print(f"\n{environment}")
+    header = ("model", "dtype", "N", "f", "exec", "dense ms", "sparse ms", "speed-up", "ideal", "tiles ms",
+              "overhead ms", "MiB/stream", "kernels: conv / tile / other ms")
+    print(" | ".join(header))
+    for r in rows:
+        print(f"{r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.1f} | {r['executed_fraction']:.3f} | "
+              f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
+              f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {r['sparse_memory_mib_per_stream']:.0f} | "
+              + (f"{r['kernel_ms_convolution']:.2f} / {r['kernel_ms_tile_kernels']:.2f} / {r['kernel_ms_other']:.2f}"
+                 if args.profile else "-"))
+
+
+if __name__ == "__main__":
+    main()
