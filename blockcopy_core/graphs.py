@@ -27,12 +27,12 @@ class BucketGraphs:
 
     def __init__(self):
         self._graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph | None, int]] = {}
-        self._static: list[torch.Tensor] | None = None
+        self._static: list[torch.Tensor] = []  # input buffers by position, shared by all buckets
         self._pool = None
 
     def clear(self) -> None:
         self._graphs.clear()
-        self._static = None
+        self._static = []
 
     def __len__(self) -> int:
         return sum(graph is not None for graph, _ in self._graphs.values())
@@ -43,21 +43,21 @@ class BucketGraphs:
         The first call of a key runs ``body`` eagerly on a side stream (computing this frame) and then
         captures it; later calls only copy the inputs into the static buffers and replay.
         """
-        if self._static is None:
-            self._static = [torch.empty_like(t) for t in inputs]
-        for static, value in zip(self._static, inputs):
-            static.copy_(value)
+        self._static += [torch.empty_like(t) for t in inputs[len(self._static):]]
+        static = self._static[:len(inputs)]
+        for buffer, value in zip(static, inputs):
+            buffer.copy_(value)
         if key in self._graphs:
             graph, macs = self._graphs[key]
             if graph is None:
-                return body(*self._static)
+                return body(*static)
             graph.replay()
             return macs
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_RUNS):
-                macs = body(*self._static)
+                macs = body(*static)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -69,7 +69,7 @@ class BucketGraphs:
         gc.disable()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                body(*self._static)
+                body(*static)
         except RuntimeError as error:
             warnings.warn(f"blockcopy: capturing the CUDA graph of bucket {key!r} failed ({error}); this "
                           "bucket runs eagerly", RuntimeWarning, stacklevel=3)

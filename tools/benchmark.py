@@ -8,6 +8,8 @@ with CUDA events as the median over ``--frames`` frames after ``--warmup`` frame
   its static input and the output copied out, as a video loop would;
 - block-sparse: ``blockcopy_core.convert(model, block)`` on random grids executing round(f * B) blocks
   per stream (rounded up to the 1/16 bucket), the whole ``forward`` call including its host read;
+- memory: what the block-sparse model keeps allocated per stream (layer states, outputs, static inputs
+  and the CUDA graphs' memory pool), after the timed frames;
 - tiles only: the same model (CUDA graph) on the batch of executed tiles alone, with plain zero padding
   and no state: the convolution time the sparse run cannot avoid. ``sparse - tiles`` is the engine's
   overhead (state scatter, halo gathers, output scatter, bucket bookkeeping), as in the paper's Table 3.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import platform
 import statistics
@@ -126,14 +129,16 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
     gh, gw = height // block, width // block
     rows = []
     for fraction in fractions:
-        torch.cuda.reset_peak_memory_stats()
+        gc.collect()  # the previous fraction's engine (its module hooks form reference cycles)
+        torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         sparse = bc.convert(model, block)
         sparse(video[0], torch.ones(n, 1, gh, gw, dtype=torch.bool, device=device))
         grids = random_grids(16, n, gh, gw, fraction, device)
         sparse_ms = median_ms(lambda i: sparse(video[i % 4], grids[i % 16]), frames, warmup)
         executed = sparse.last_stats.executed_blocks
-        memory = (torch.cuda.max_memory_allocated() - before) / n
+        torch.cuda.synchronize()
+        memory = (torch.cuda.memory_allocated() - before) / n  # states, outputs, graph pools
         tiles = torch.randn(executed, 3, block, block, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
         tiles_only = graphed(model, tiles)
@@ -186,16 +191,23 @@ def main() -> None:
     }
     with open(args.json, "w") as f:
         json.dump({"environment": environment, "results": rows}, f, indent=1)
-    print(f"\n{environment}")
-    header = ("model", "dtype", "N", "f", "exec", "dense ms", "sparse ms", "speed-up", "ideal", "tiles ms",
-              "overhead ms", "MiB/stream", "kernels: conv / tile / other ms")
-    print(" | ".join(header))
+    print(f"\n{environment}\n")
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The results as a Markdown table (times are per frame, all N streams together)."""
+    lines = ["| model | dtype | N | f | executed | dense ms | sparse ms | speed-up | ideal | tiles-only ms | "
+             "overhead ms | MiB/stream | kernels conv / tile / other ms |", "|" + " --- |" * 13]
     for r in rows:
-        print(f"{r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.1f} | {r['executed_fraction']:.3f} | "
-              f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
-              f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {r['sparse_memory_mib_per_stream']:.0f} | "
-              + (f"{r['kernel_ms_convolution']:.2f} / {r['kernel_ms_tile_kernels']:.2f} / {r['kernel_ms_other']:.2f}"
-                 if args.profile else "-"))
+        kernels = (f"{r['kernel_ms_convolution']:.2f} / {r['kernel_ms_tile_kernels']:.2f} / "
+                   f"{r['kernel_ms_other']:.2f}" if "kernel_ms_convolution" in r else "-")
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.1f} | {r['executed_fraction']:.3f} | "
+            f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
+            f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {r['sparse_memory_mib_per_stream']:.0f} | "
+            f"{kernels} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
