@@ -1,0 +1,264 @@
+"""Adapters: what BlockCopy needs to know about a task network's outputs.
+
+The policy loop (:class:`blockcopy_core.BlockCopy`) is task-agnostic; an adapter turns the model's
+raw output structure into
+
+* ``decode(outputs, frame_size)``: the task result of a frame (detections, class probabilities),
+  returned to the user and remembered as the previous result;
+* ``information_gain(result, prev_result, frame_size)``: the per-pixel information gain map
+  (method.md section 3), at the frame's resolution or at an integer stride s of it; BlockCopy
+  max-pools it per block;
+* ``output_masks(result, frame_size)``: O_t, the per-class probability masks the policy sees at the
+  next frame (method.md section 2), ``output_channels`` of them;
+* ``policy_frame(frames)``: the frames as RGB in [0, 1], as the policy expects them.
+
+:class:`DetectionAdapter` implements the last three for any detector from its detections;
+:class:`CenterNetAdapter` adds the CenterNet decoding. :class:`SemanticSegmentationAdapter` covers
+per-pixel classifiers.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .information_gain import batch_box_information_gain, semantic_information_gain
+from .models.centernet import NUM_CLASSES, OUTPUT_STRIDE, PERSON_CLASS, decode_detections
+
+Detections = list[dict[str, torch.Tensor]]
+"""Per stream ``{"boxes": (K, 4) x1y1x2y2 frame pixels, "scores": (K,), "labels": (K,) int64}``."""
+
+FrameSize = tuple[int, int]
+"""``(H, W)`` of the frames in pixels."""
+
+STREET_CLASSES = (PERSON_CLASS, 1, 2, 3, 5, 7)
+"""COCO person, bicycle, car, motorcycle, bus and truck: the road users of street scenes."""
+
+
+class OutputAdapter(ABC):
+    """Interface between a task network's outputs and the BlockCopy policy loop.
+
+    Attributes:
+        output_channels: C_out, the number of masks of ``output_masks``.
+        input_scale: the model's input value of a full-intensity pixel (255 for 0..255 inputs, 1 for
+            0..1 inputs); ``policy_frame`` divides frames by it.
+    """
+
+    output_channels: int
+    input_scale: float = 1.0
+
+    def policy_frame(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) model input -> (N, 3, H, W) RGB in [0, 1] for the policy."""
+        return frames / self.input_scale
+
+    @abstractmethod
+    def decode(self, outputs: Any, frame_size: FrameSize) -> Any:
+        """The task result of one frame of N streams from the model's dense outputs."""
+
+    @abstractmethod
+    def information_gain(self, result: Any, prev_result: Any, frame_size: FrameSize) -> torch.Tensor:
+        """(N, H / s, W / s) IG map from this and the previous result.
+
+        s is the map's stride in frame pixels, one integer for both axes that divides the block size
+        (BlockCopy max-pools the map per block).
+        """
+
+    @abstractmethod
+    def output_masks(self, result: Any, frame_size: FrameSize) -> torch.Tensor:
+        """O_t: (N, output_channels, H', W') per-class probability masks of ``result``."""
+
+
+def paint_class_masks(detections: Detections, classes: Sequence[int], height: int, width: int,
+                      stride: int) -> torch.Tensor:
+    """(N, len(classes), height / stride, width / stride) masks: score painted into box, per class.
+
+    Detections whose label is not in ``classes`` are left out. Box coverage follows the rule of
+    :mod:`blockcopy_core.information_gain` on a map of ``stride`` pixels per cell:
+    ``floor(x1 / stride) <= x < ceil(x2 / stride)`` and likewise in y. Overlapping boxes of a class
+    keep the maximum score.
+    """
+    if height % stride or width % stride:
+        raise ValueError(f"frame size {height}x{width} is not a multiple of the mask stride {stride}")
+    rows, cols = height // stride, width // stride
+    device = detections[0]["boxes"].device
+    class_ids = torch.as_tensor(list(classes), device=device)
+    masks = torch.zeros(len(detections), len(classes), rows, cols, device=device)
+    ys = torch.arange(rows, device=device, dtype=torch.float32)
+    xs = torch.arange(cols, device=device, dtype=torch.float32)
+    for stream, dets in enumerate(detections):
+        is_class = dets["labels"][:, None] == class_ids[None, :]
+        keep = is_class.any(dim=1)
+        if not bool(keep.any()):
+            continue
+        boxes = dets["boxes"][keep].float() / stride
+        scores = dets["scores"][keep].float()
+        inside_y = (ys >= boxes[:, 1:2].floor()) & (ys < boxes[:, 3:4].ceil())
+        inside_x = (xs >= boxes[:, 0:1].floor()) & (xs < boxes[:, 2:3].ceil())
+        painted = ((inside_y[:, :, None] & inside_x[:, None, :]) * scores[:, None, None]).flatten(1)
+        channel = is_class[keep].int().argmax(dim=1)
+        masks[stream].view(len(classes), -1).scatter_reduce_(0, channel[:, None].expand_as(painted), painted,
+                                                             "amax")
+    return masks
+
+
+class DetectionAdapter(OutputAdapter):
+    """Adapter base for object detectors: IG by Algorithm 1, O_t as score-painted boxes per class.
+
+    Subclasses implement :meth:`detect` (all detections of a frame, for the user). The policy side
+    uses only the confident detections of the listed classes: IG of low-score candidates (a detector's
+    top-100 list is mostly noise near 0) would only add flicker to the reward, and each listed class
+    costs one input channel of the policy network.
+
+    IG is painted at ``stride`` pixels per cell. Box coverage at stride s is exact for the per-block
+    maximum when s divides the block size: a box reaches into a block's pixels exactly when it reaches
+    into the block's cells (``floor(x1 / s) < (b + 1) * B / s`` iff ``x1 < (b + 1) * B``), so the pooled
+    block IG equals that of the full-resolution map while painting s^2 fewer pixels.
+
+    Args:
+        classes: the labels the policy sees and IG counts, in mask-channel order.
+        score_threshold: detections below this score are ignored by IG and O_t.
+        stride: pixels per cell of the IG map and of the masks O_t.
+        class_aware: match current to previous detections only within a class (the paper matches
+            regardless of class, which is the same for a single class).
+        input_scale: the model's input value of a full-intensity pixel.
+    """
+
+    def __init__(self, classes: Sequence[int], score_threshold: float = 0.3, stride: int = 4,
+                 class_aware: bool = True, input_scale: float = 1.0) -> None:
+        if not classes:
+            raise ValueError("classes must list at least one class label")
+        if len(set(classes)) != len(classes) or min(classes) < 0:
+            raise ValueError(f"classes must be distinct non-negative labels, got {tuple(classes)}")
+        if stride < 1:
+            raise ValueError(f"stride must be a positive integer, got {stride}")
+        self.classes = tuple(int(c) for c in classes)
+        self.score_threshold = float(score_threshold)
+        self.stride = stride
+        self.class_aware = class_aware
+        self.input_scale = float(input_scale)
+        self.output_channels = len(self.classes)
+
+    @abstractmethod
+    def detect(self, outputs: Any, frame_size: FrameSize) -> Detections:
+        """All detections of N streams, boxes x1y1x2y2 in frame pixels, with ``labels``."""
+
+    def decode(self, outputs: Any, frame_size: FrameSize) -> Detections:
+        """The detections of each stream (see :meth:`detect`)."""
+        return self.detect(outputs, frame_size)
+
+    def relevant(self, detections: Detections) -> Detections:
+        """The detections IG and O_t use: listed classes, score >= ``score_threshold``."""
+        classes = torch.as_tensor(self.classes, device=detections[0]["labels"].device)
+        kept = []
+        for dets in detections:
+            keep = (dets["scores"] >= self.score_threshold) & torch.isin(dets["labels"], classes)
+            kept.append({key: value[keep] for key, value in dets.items()})
+        return kept
+
+    def information_gain(self, result: Detections, prev_result: Detections,
+                         frame_size: FrameSize) -> torch.Tensor:
+        """(N, H / stride, W / stride) IG map of Algorithm 1 on the relevant detections."""
+        height, width = frame_size
+        if height % self.stride or width % self.stride:
+            raise ValueError(f"frame size {height}x{width} is not a multiple of the IG stride {self.stride}")
+        scale = 1.0 / self.stride
+        current = [self._scaled(d, scale) for d in self.relevant(result)]
+        previous = [self._scaled(d, scale) for d in self.relevant(prev_result)]
+        return batch_box_information_gain(current, previous, height // self.stride, width // self.stride)
+
+    def _scaled(self, dets: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+        scaled = {"boxes": dets["boxes"].float() * scale, "scores": dets["scores"]}
+        if self.class_aware:
+            scaled["labels"] = dets["labels"]
+        return scaled
+
+    def output_masks(self, result: Detections, frame_size: FrameSize) -> torch.Tensor:
+        """(N, len(classes), H / stride, W / stride): relevant detections' scores painted per class."""
+        return paint_class_masks(self.relevant(result), self.classes, *frame_size, self.stride)
+
+
+class CenterNetAdapter(DetectionAdapter):
+    """Adapter for :class:`blockcopy_core.models.centernet.CenterNetMobileNetV3`.
+
+    ``decode`` runs :func:`decode_detections` (the graph's top-``max_detections`` peaks, no score
+    threshold), so evaluation sees the detector's usual output; with ``decode_classes`` only those
+    heatmap channels are decoded (faster, and the top peaks are all of the wanted classes). IG and
+    O_t use the detections of ``classes`` scoring at least ``score_threshold``, painted at the
+    heatmap's stride 4.
+
+    O_t is painted boxes rather than the heatmap itself: CenterNet's heatmap is a peak at each object's
+    centre, whereas the paper's O_{t-1} is the per-class probability of the object covering each pixel
+    (detections painted per class), which tells the policy where an object's blocks are.
+
+    The default classes are the street-scene road users (:data:`STREET_CLASSES`, 6 policy input
+    channels); all 80 would make the policy's input 87 channels wide (its stem ~11x as costly as with
+    one class) and spend it mostly on classes that never appear. Pass ``classes=(PERSON_CLASS,)`` for
+    pedestrian detection.
+
+    Args:
+        classes: COCO class indices (0..79) the policy sees and IG counts.
+        score_threshold: minimum score of a detection used by IG and O_t.
+        max_detections: peaks decoded per image.
+        decode_classes: COCO classes to decode (None: all 80); must include ``classes``.
+        class_aware: see :class:`DetectionAdapter`.
+    """
+
+    def __init__(self, classes: Sequence[int] = STREET_CLASSES, score_threshold: float = 0.3,
+                 max_detections: int = 100, decode_classes: Sequence[int] | None = None,
+                 class_aware: bool = True) -> None:
+        if max(classes) >= NUM_CLASSES or (decode_classes is not None and max(decode_classes) >= NUM_CLASSES):
+            raise ValueError(f"CenterNet has classes 0..{NUM_CLASSES - 1}")
+        if decode_classes is not None and not set(classes) <= set(decode_classes):
+            raise ValueError(f"decode_classes {tuple(decode_classes)} must include classes {tuple(classes)}")
+        super().__init__(classes, score_threshold, OUTPUT_STRIDE, class_aware, input_scale=255.0)
+        self.max_detections = max_detections
+        self.decode_classes = None if decode_classes is None else tuple(int(c) for c in decode_classes)
+
+    def detect(self, outputs: dict[str, torch.Tensor], frame_size: FrameSize) -> Detections:
+        if self.decode_classes is None:
+            return decode_detections(outputs, max_detections=self.max_detections, input_size=frame_size)
+        heatmap = outputs["heatmap"]
+        channels = torch.as_tensor(self.decode_classes, device=heatmap.device)
+        subset = {"heatmap": heatmap.index_select(1, channels), "wh": outputs["wh"]}
+        detections = decode_detections(subset, max_detections=self.max_detections, input_size=frame_size)
+        return [{**dets, "labels": channels[dets["labels"]]} for dets in detections]
+
+
+class SemanticSegmentationAdapter(OutputAdapter):
+    """Adapter for per-pixel classifiers: IG is the pixelwise KL divergence, O_t the class probabilities.
+
+    Args:
+        num_classes: C, the classes of the probability maps (the policy's C_out).
+        select: maps the model's outputs to (N, C, h, w) logits or probabilities (default: the outputs
+            themselves); h, w divide the frame size with one common integer stride.
+        from_logits: apply a softmax over classes to what ``select`` returns.
+        input_scale: the model's input value of a full-intensity pixel.
+    """
+
+    def __init__(self, num_classes: int, select: Callable[[Any], torch.Tensor] | None = None,
+                 from_logits: bool = True, input_scale: float = 1.0) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.output_channels = num_classes
+        self.select = select
+        self.from_logits = from_logits
+        self.input_scale = float(input_scale)
+
+    def decode(self, outputs: Any, frame_size: FrameSize) -> torch.Tensor:
+        """(N, C, h, w) class probabilities."""
+        maps = outputs if self.select is None else self.select(outputs)
+        if maps.dim() != 4 or maps.shape[1] != self.output_channels:
+            raise ValueError(f"expected (N, {self.output_channels}, h, w) class maps, got {tuple(maps.shape)}")
+        return F.softmax(maps.float(), dim=1) if self.from_logits else maps
+
+    def information_gain(self, result: torch.Tensor, prev_result: torch.Tensor,
+                         frame_size: FrameSize) -> torch.Tensor:
+        """(N, h, w) KL(current || previous) per pixel."""
+        return semantic_information_gain(result, prev_result)
+
+    def output_masks(self, result: torch.Tensor, frame_size: FrameSize) -> torch.Tensor:
+        """(N, C, h, w): the class probabilities themselves."""
+        return result

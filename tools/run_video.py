@@ -1,0 +1,340 @@
+"""The main job: BlockCopy on real video, against dense execution and the baseline policies.
+
+Runs CenterNet-MobileNetV3 (COCO) over PETS 2009 S2L1 (795 frames of 768x576 fixed-camera pedestrian
+video with MOTChallenge ground truth):
+
+* dense: the unchanged model on every full frame (the reference);
+* for each tau in ``--taus`` and each method in ``--methods``: BlockCopy with that block policy
+  (``rl``: the online REINFORCE policy; ``random``, ``residual``, ``lowfps``: baselines at the same
+  target fraction).
+
+The video is one clip: frame 1 is executed completely, every later frame block-sparse. Frames
+1..``--warmup`` warm up; the metrics cover the frames after the warm-up only. As in the paper, the RL
+policy is first trained offline, then keeps learning online: it makes ``--pretrain-epochs`` passes
+over the warm-up frames cut into clips of ``--pretrain-clip`` frames (each starting with a full
+frame), then runs the video like every other method, learning all the way through. Baselines run the
+warm-up frames too, so that their state is comparable. No frame after the warm-up is ever used
+before it is evaluated online. Person detections are scored against the considered ground-truth boxes, the
+not-considered ones acting as ignore regions: log-average miss rate (MR) and AP50; agreement is the F1
+of confident boxes (score >= 0.5) matched to the dense run's.
+
+Writes to ``--output-dir``: ``results.json``, ``accuracy_vs_cost.png``, the mosaic video
+``blockcopy_rl_tau0.3.mp4`` of the ``--vis-frames`` (plus one frame of it as PNG) and the learned
+policies ``policy_rl_tau*.pt``. See docs/main_job.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import matplotlib
+import torch
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from blockcopy_core.adapters import CenterNetAdapter  # noqa: E402
+from blockcopy_core.blockcopy import BlockCopy, RunStatistics, StepResult  # noqa: E402
+from blockcopy_core.data import (VideoReader, VideoWriter, boxes_for_frames, load_mot_ground_truth,  # noqa: E402
+                                 load_mot_ignore_boxes, pets09_s2l1_paths)
+from blockcopy_core.engine import FrameStats  # noqa: E402
+from blockcopy_core.evaluation import average_precision_50, detection_agreement, log_average_miss_rate  # noqa: E402
+from blockcopy_core.macs import count_macs  # noqa: E402
+from blockcopy_core.models.centernet import PERSON_CLASS, load_centernet  # noqa: E402
+from blockcopy_core.visualize import blockcopy_mosaic  # noqa: E402
+
+BLOCK_SIZE = 64
+"""64-px blocks on the native 768x576 frames: a 12x9 grid. 128-px blocks do not divide 576, and
+upscaling to 1536x1152 for a 12x9 grid of 128-px blocks would cost 4x the MACs of the native size."""
+
+METHODS = ("rl", "random", "residual", "lowfps")
+VIS_METHOD = "rl"
+VIS_TAU = 0.3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.3, 0.5], help="target fractions tau")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="block policies to compare (dense always runs: it is the reference)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="use only the first FRAMES frames of the video (quick runs)")
+    parser.add_argument("--warmup", type=int, default=300,
+                        help="frames 1..WARMUP warm up; metrics cover the frames after them")
+    parser.add_argument("--pretrain-epochs", type=int, default=3,
+                        help="before its run, train the rl policy for this many passes over the warm-up "
+                             "frames, cut into clips of --pretrain-clip frames in random order")
+    parser.add_argument("--pretrain-clip", type=int, default=20,
+                        help="clip length of the pre-training passes (each clip starts with a full frame)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of torch's intra-op parallelism; 1 is robust on a shared machine "
+                             "(with other processes busy, 2 threads on 2 cores ran 10x slower than 1), more "
+                             "is faster on an idle many-core machine")
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
+    parser.add_argument("--no-video", action="store_true", help="skip the visualisation video")
+    parser.add_argument("--vis-frames", default="301-500",
+                        help="1-based inclusive frame range FIRST-LAST of the visualisation video "
+                             f"(the {VIS_METHOD} run at tau={VIS_TAU})")
+    args = parser.parse_args(argv)
+    try:
+        first, last = (int(part) for part in args.vis_frames.split("-"))
+    except ValueError:
+        parser.error(f"--vis-frames must be FIRST-LAST, e.g. 301-500, got {args.vis_frames!r}")
+    args.vis_range = (first, last)
+    if any(not 0.0 < tau <= 1.0 for tau in args.taus):
+        parser.error(f"--taus must lie in (0, 1], got {args.taus}")
+    return args
+
+
+class DenseRunner:
+    """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface."""
+
+    def __init__(self, model: torch.nn.Module, adapter: CenterNetAdapter, block_size: int) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.block_size = block_size
+        self._macs: int | None = None
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.statistics = RunStatistics()
+
+    @torch.no_grad()
+    def step(self, frames: torch.Tensor) -> StepResult:
+        """One (N, 3, H, W) frame through the model; the result mimics a BlockCopy full frame."""
+        size = (frames.shape[-2], frames.shape[-1])
+        if self._macs is None:
+            self._macs = count_macs(self.model, frames)
+        start = time.perf_counter()
+        outputs = self.model(frames)
+        network = time.perf_counter() - start
+        result = self.adapter.decode(outputs, size)
+        seconds = {"network": network, "postprocess": time.perf_counter() - start - network}
+        blocks = frames.shape[0] * (size[0] // self.block_size) * (size[1] // self.block_size)
+        grid = torch.ones(frames.shape[0], 1, size[0] // self.block_size, size[1] // self.block_size,
+                          dtype=torch.bool)
+        step = StepResult(outputs, result, grid, True, None, None, FrameStats(blocks, blocks, self._macs), 0,
+                          None, seconds)
+        self.statistics.add(step)
+        return step
+
+
+def person_detections(step: StepResult) -> dict[str, torch.Tensor]:
+    """Stream 0's person detections on the CPU: boxes (K, 4) x1y1x2y2, scores (K,)."""
+    dets = step.result[0]
+    keep = dets["labels"] == PERSON_CLASS
+    return {"boxes": dets["boxes"][keep].cpu(), "scores": dets["scores"][keep].cpu()}
+
+
+def run_one(method: str, tau: float | None, model, adapter, video: Path, args, num_frames: int,
+            ground_truth: dict, vis: bool) -> dict:
+    """Run one method over frames 1..num_frames; return its statistics and post-warm-up detections."""
+    torch.manual_seed(args.seed)
+    if method == "dense":
+        runner = DenseRunner(model, adapter, BLOCK_SIZE)
+    else:
+        runner = BlockCopy(model, BLOCK_SIZE, policy=method, target=tau, adapter=adapter)
+    label = "dense" if tau is None else f"{method} tau={tau:g}"
+    if method == "rl" and args.pretrain_epochs:
+        pretrain(runner, video, args, label)
+    detections, warmup_stats, writer, still = [], None, None, None
+    if vis:
+        writer = VideoWriter(args.output_dir / f"blockcopy_{method}_tau{tau:g}.mp4", fps=7.0)
+    start = time.perf_counter()
+    reader = VideoReader(video, 0, num_frames, as_tensor=True)
+    for number, frame in enumerate(tqdm(reader, desc=label, unit="frame", dynamic_ncols=True), start=1):
+        if number == args.warmup + 1:
+            warmup_stats = runner.statistics
+            runner.reset_statistics()
+        step = runner.step(frame[None].to(args.device, torch.float32))
+        if number > args.warmup:
+            detections.append(person_detections(step))
+        if writer is not None and args.vis_range[0] <= number <= args.vis_range[1]:
+            mosaic = visualise(step, frame, runner.sparse.frame_state[0], ground_truth.get(number), number, label)
+            writer.write(mosaic)
+            if number == (args.vis_range[0] + min(args.vis_range[1], num_frames)) // 2:
+                still = mosaic
+    if writer is not None:
+        writer.close()
+        if still is not None:
+            cv2.imwrite(str(args.output_dir / f"blockcopy_{method}_tau{tau:g}_frame.png"),
+                        cv2.cvtColor(still, cv2.COLOR_RGB2BGR))
+    if method == "rl":
+        torch.save(runner.state_dict(), args.output_dir / f"policy_rl_tau{tau:g}.pt")
+    return {"method": method, "tau": tau, "statistics": runner.statistics, "warmup_statistics": warmup_stats,
+            "detections": detections, "wall_seconds": time.perf_counter() - start}
+
+
+def pretrain(runner: BlockCopy, video: Path, args, label: str) -> None:
+    """Train the policy on the warm-up frames only: ``args.pretrain_epochs`` passes over clips of
+    ``args.pretrain_clip`` frames in random order, each clip starting with a full execution (the
+    paper's offline training on training clips, before the online run)."""
+    frames = list(VideoReader(video, 0, args.warmup, as_tensor=True))
+    starts = list(range(0, len(frames), args.pretrain_clip))
+    generator = torch.Generator().manual_seed(args.seed)
+    with tqdm(total=args.pretrain_epochs * len(frames), desc=f"{label} pre-training", unit="frame",
+              dynamic_ncols=True) as progress:
+        for _ in range(args.pretrain_epochs):
+            for index in torch.randperm(len(starts), generator=generator).tolist():
+                runner.reset()
+                for frame in frames[starts[index]:starts[index] + args.pretrain_clip]:
+                    runner.step(frame[None].to(args.device, torch.float32))
+                    progress.update()
+    runner.reset()
+
+
+def visualise(step: StepResult, frame: torch.Tensor, frame_state: torch.Tensor, ground_truth, number: int,
+              label: str):
+    """The mosaic of one frame (see :func:`blockcopy_mosaic`)."""
+    dets = person_detections(step)
+    confident = dets["scores"] >= 0.5
+    ig_map = None if step.ig_map is None else step.ig_map[0]
+    return blockcopy_mosaic(frame, step.grid[0, 0], frame_state, ig_map, dets["boxes"][confident],
+                            dets["scores"][confident], ground_truth, title=f"#{number} {label}")
+
+
+def evaluate(run: dict, ground_truth: list, ignore: list, dense_detections: list) -> dict:
+    """The row of one run: cost (post-warm-up frames), MR, AP50, agreement with dense, timings."""
+    stats: RunStatistics = run["statistics"]
+    warmup: RunStatistics | None = run["warmup_statistics"]
+    agreement = detection_agreement(run["detections"], dense_detections)
+    frames = max(stats.frames, 1)
+    return {
+        "method": run["method"],
+        "tau": run["tau"],
+        "executed_fraction": stats.executed_fraction,
+        "warmup_executed_fraction": None if warmup is None else warmup.policy_executed_fraction,
+        "gmacs_per_frame": stats.gmacs_per_frame(),
+        "network_gmacs_per_frame": stats.gmacs_per_frame(include_policy=False),
+        "policy_gmacs_per_frame": stats.policy_macs / 1e9 / frames,
+        "miss_rate": log_average_miss_rate(run["detections"], ground_truth, ignore=ignore),
+        "ap50": average_precision_50(run["detections"], ground_truth, ignore=ignore),
+        "agreement_f1": agreement.f1,
+        "agreement_precision": agreement.precision,
+        "agreement_recall": agreement.recall,
+        "ms_per_frame": stats.ms_per_frame(),
+        "eval_frames": stats.frames,
+        "wall_seconds": run["wall_seconds"],
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the runs."""
+    header = ("| method | tau | executed | GMACs/frame (net + policy) | MR % | AP50 % | agreement F1 | "
+              "ms/frame |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        tau = "-" if row["tau"] is None else f"{row['tau']:g}"
+        gmacs = f"{row['gmacs_per_frame']:.3f} ({row['network_gmacs_per_frame']:.3f} + " \
+                f"{row['policy_gmacs_per_frame']:.3f})"
+        lines.append(f"| {row['method']} | {tau} | {row['executed_fraction']:.3f} | {gmacs} | "
+                     f"{100 * row['miss_rate']:.2f} | {100 * row['ap50']:.2f} | {row['agreement_f1']:.3f} | "
+                     f"{row['ms_per_frame']['total']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Miss rate and AP50 against GMACs per frame (policy included), one line per method."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    for method in methods:
+        points = sorted((row["gmacs_per_frame"], row) for row in rows if row["method"] == method)
+        xs = [x for x, _ in points]
+        style = {"marker": "*", "markersize": 14, "linestyle": "none"} if method == "dense" else {"marker": "o"}
+        for axis, key in zip(axes, ("miss_rate", "ap50")):
+            axis.plot(xs, [100 * row[key] for _, row in points], label=method, **style)
+            for x, row in points:
+                if row["tau"] is not None:
+                    axis.annotate(f"{row['tau']:g}", (x, 100 * row[key]), textcoords="offset points",
+                                  xytext=(4, 4), fontsize=7)
+    for axis, title in zip(axes, ("log-average miss rate % (lower is better)", "AP50 % (higher is better)")):
+        axis.set_xlabel("GMACs per frame (task network + policy)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("CenterNet-MobileNetV3 on PETS09-S2L1, frames after warm-up (labels: tau)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def machine_description(device: str) -> dict:
+    processor = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            processor = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                             processor)
+    except OSError:
+        pass
+    return {"device": device, "cpu": processor, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    video, gt_path = pets09_s2l1_paths()
+    total = len(VideoReader(video))
+    num_frames = total if args.frames is None else min(args.frames, total)
+    if not 0 <= args.warmup < num_frames:
+        raise SystemExit(f"--warmup {args.warmup} leaves no frames to evaluate among {num_frames}")
+    eval_numbers = range(args.warmup + 1, num_frames + 1)
+    considered = load_mot_ground_truth(gt_path)
+    ground_truth = boxes_for_frames(considered, eval_numbers)
+    ignore = boxes_for_frames(load_mot_ignore_boxes(gt_path), eval_numbers)
+    model = load_centernet(device=args.device)
+    adapter = CenterNetAdapter(classes=(PERSON_CLASS,), decode_classes=(PERSON_CLASS,))
+    print(f"PETS09-S2L1: frames 1-{num_frames} ({num_frames} of {total}), warm-up 1-{args.warmup}, "
+          f"evaluated {eval_numbers.start}-{eval_numbers.stop - 1}; {BLOCK_SIZE}-px blocks; device {args.device}")
+
+    started = time.perf_counter()
+    dense = run_one("dense", None, model, adapter, video, args, num_frames, considered, vis=False)
+    runs = [dense]
+    for tau in args.taus:
+        for method in args.methods:
+            vis = not args.no_video and method == VIS_METHOD and math.isclose(tau, VIS_TAU)
+            runs.append(run_one(method, tau, model, adapter, video, args, num_frames, considered, vis))
+    rows = [evaluate(run, ground_truth, ignore, dense["detections"]) for run in runs]
+    wall = time.perf_counter() - started
+
+    table = format_table(rows)
+    print(table)
+    print(f"total wall time {wall / 60:.1f} min")
+    plot(rows, args.output_dir / "accuracy_vs_cost.png")
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(args.device),
+        "config": {"video": str(video), "ground_truth": str(gt_path), "frames": num_frames, "warmup": args.warmup,
+                   "evaluated_frames": [eval_numbers.start, eval_numbers.stop - 1], "taus": args.taus,
+                   "methods": args.methods, "seed": args.seed, "threads": args.threads,
+                   "block_size": BLOCK_SIZE,
+                   "pretrain_epochs": args.pretrain_epochs, "pretrain_clip": args.pretrain_clip,
+                   "ig_classes": list(adapter.classes), "ig_score_threshold": adapter.score_threshold},
+        "runs": rows,
+        "table": table,
+        "wall_seconds": wall,
+    }
+    with open(args.output_dir / "results.json", "w") as handle:
+        json.dump(results, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
