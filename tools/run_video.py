@@ -50,7 +50,8 @@ from blockcopy_core.blockcopy import BlockCopy, RunStatistics, StepResult  # noq
 from blockcopy_core.data import (VideoReader, VideoWriter, boxes_for_frames, load_mot_ground_truth,  # noqa: E402
                                  load_mot_ignore_boxes, pets09_s2l1_paths)
 from blockcopy_core.engine import FrameStats  # noqa: E402
-from blockcopy_core.evaluation import average_precision_50, detection_agreement, log_average_miss_rate  # noqa: E402
+from blockcopy_core.evaluation import (average_precision_50, detection_agreement,  # noqa: E402
+                                       log_average_miss_rate)
 from blockcopy_core.macs import count_macs  # noqa: E402
 from blockcopy_core.models.centernet import PERSON_CLASS, load_centernet  # noqa: E402
 from blockcopy_core.visualize import blockcopy_mosaic  # noqa: E402
