@@ -80,7 +80,6 @@ class _CountConvolutions(TorchFunctionMode):
 
 
 def test_no_blocks_returns_previous_outputs_without_convolutions(arch):
-    model = arch.model
     sparse = arch.convert()
     sparse(arch.frames(), arch.full_grid())
     previous = sparse(arch.frames(), arch.random_grid())
@@ -91,7 +90,6 @@ def test_no_blocks_returns_previous_outputs_without_convolutions(arch):
 
 
 def test_streams_in_a_batch_equal_separate_runs(arch):
-    model = arch.model
     batched = arch.convert()
     single = [arch.convert() for _ in range(N)]
     for t in range(3):
@@ -104,7 +102,6 @@ def test_streams_in_a_batch_equal_separate_runs(arch):
 
 
 def test_non_executed_blocks_keep_previous_outputs_exactly(arch):
-    model = arch.model
     sparse = arch.convert()
     previous = tree_leaves(sparse(arch.frames(), arch.full_grid()))
     for _ in range(3):
