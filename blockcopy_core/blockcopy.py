@@ -28,10 +28,13 @@ from .information_gain import pool_to_blocks
 from .macs import count_macs
 from .policy import BlockPolicy, PolicyObservation, build_policy
 
-STAGES = ("policy", "network", "postprocess", "information_gain", "update")
-"""Timed stages of a step, in order: policy forward (select), block-sparse task network including the
-engine's gather/scatter, adapter decoding and O_t painting, IG map and block pooling, policy observe
-(rewards, and backward + optimiser step on update frames)."""
+STAGES = ("policy", "network", "sparse_overhead", "postprocess", "information_gain", "update")
+"""Timed stages of a step, in order: policy forward (select); the task network on the executed tiles;
+the engine's own work around it (tile gathers and scatters, state writes, tile indexing); adapter
+decoding and O_t painting; IG map and block pooling; policy observe (rewards, and backward + optimiser
+step on update frames). The engine's work can be timed apart only on frames that run eagerly (CPU, or
+CUDA without CUDA graphs): on a CUDA-graph frame it stays inside ``network`` and the frame has no
+``sparse_overhead`` entry."""
 
 
 @dataclass
@@ -48,7 +51,7 @@ class StepResult:
         frame_stats: the engine's counts for this frame.
         policy_macs: multiply-accumulates of the policy network on this frame (0 without one).
         policy_stats: what the policy's ``observe`` returned (0-dim tensors), or None.
-        seconds: wall time of each stage of :data:`STAGES` that ran.
+        seconds: wall time of each stage of :data:`STAGES` that ran (and could be timed).
     """
 
     outputs: Any
@@ -72,9 +75,12 @@ class RunStatistics:
         full_frames: those that were a clip's first frame.
         executed_blocks, total_blocks: block counts summed over frames and streams.
         policy_executed_blocks, policy_total_blocks: the same over the frames the policy chose.
+        policy_selected_blocks: the blocks the policy selected on those frames (on CUDA the engine
+            executes a few more, rounding up to its buckets).
         network_macs: task network MACs, summed.
         policy_macs: policy network MACs, summed.
         seconds: wall time per stage of :data:`STAGES`, summed.
+        untimed_overhead_frames: frames whose engine work could not be timed apart from ``network``.
     """
 
     frames: int = 0
@@ -83,9 +89,11 @@ class RunStatistics:
     total_blocks: int = 0
     policy_executed_blocks: int = 0
     policy_total_blocks: int = 0
+    policy_selected_blocks: int = 0
     network_macs: int = 0
     policy_macs: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    untimed_overhead_frames: int = 0
 
     def add(self, step: StepResult) -> None:
         """Count one step."""
@@ -97,10 +105,13 @@ class RunStatistics:
         if not step.full_frame:
             self.policy_executed_blocks += stats.executed_blocks
             self.policy_total_blocks += stats.total_blocks
+            self.policy_selected_blocks += (stats.executed_blocks if stats.selected_blocks is None
+                                            else stats.selected_blocks)
         self.network_macs += stats.macs
         self.policy_macs += step.policy_macs
         for stage, seconds in step.seconds.items():
             self.seconds[stage] += seconds
+        self.untimed_overhead_frames += "sparse_overhead" not in step.seconds
 
     @property
     def executed_fraction(self) -> float:
@@ -113,17 +124,30 @@ class RunStatistics:
         return self.policy_executed_blocks / self.policy_total_blocks if self.policy_total_blocks \
             else float("nan")
 
+    @property
+    def policy_selected_fraction(self) -> float:
+        """Fraction of blocks the policy selected (before any bucket rounding) over its frames."""
+        return self.policy_selected_blocks / self.policy_total_blocks if self.policy_total_blocks \
+            else float("nan")
+
     def gmacs_per_frame(self, include_policy: bool = True) -> float:
         """Average GMACs per time step (all N streams), optionally with the policy's."""
         macs = self.network_macs + (self.policy_macs if include_policy else 0)
         return macs / 1e9 / self.frames if self.frames else float("nan")
 
     def ms_per_frame(self) -> dict[str, float]:
-        """Average wall time per time step of each stage, and ``total``, in milliseconds."""
+        """Average wall time per time step of each stage, and ``total``, in milliseconds.
+
+        ``sparse_overhead`` is NaN when some frames could not time it apart (CUDA graphs): their engine
+        work is then inside ``network``; ``total`` is right either way.
+        """
         if not self.frames:
             return {stage: float("nan") for stage in (*STAGES, "total")}
         per_stage = {stage: 1e3 * seconds / self.frames for stage, seconds in self.seconds.items()}
-        return {**per_stage, "total": sum(per_stage.values())}
+        total = sum(per_stage.values())
+        if self.untimed_overhead_frames:
+            per_stage["sparse_overhead"] = float("nan")
+        return {**per_stage, "total": total}
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly summary."""
@@ -132,6 +156,7 @@ class RunStatistics:
             "full_frames": self.full_frames,
             "executed_fraction": self.executed_fraction,
             "policy_executed_fraction": self.policy_executed_fraction,
+            "policy_selected_fraction": self.policy_selected_fraction,
             "gmacs_per_frame": self.gmacs_per_frame(),
             "network_gmacs_per_frame": self.gmacs_per_frame(include_policy=False),
             "ms_per_frame": self.ms_per_frame(),
@@ -154,8 +179,10 @@ class BlockCopy:
             ``lowfps``, ``all``, ``none``) or a :class:`BlockPolicy`.
         target: tau, the target fraction of executed blocks (ignored when ``policy`` is an object).
         adapter: turns the model's outputs into results, IG and O_t (see :mod:`blockcopy_core.adapters`).
-        sync_timing: synchronise CUDA around each stage so that the stage times are exact (costs a
-            little throughput); no effect on CPU.
+        sync_timing: make the stage times exact: synchronise CUDA around each stage, and time the
+            engine's own work apart from the task network where the frame runs eagerly (see
+            :data:`STAGES`). Costs a little throughput on a GPU; without it ``sparse_overhead`` is not
+            reported.
         **policy_kwargs: passed to the policy's constructor; ``rl`` gets ``output_channels`` from the
             adapter unless given.
     """
@@ -186,6 +213,7 @@ class BlockCopy:
         if parameter is not None:
             self.policy.to(parameter.device)
         self.sync_timing = sync_timing
+        self.sparse.time_overhead = sync_timing
         self._policy_macs: dict[tuple, int] = {}
         self.reset()
 
@@ -265,6 +293,9 @@ class BlockCopy:
         with self._timed("network", seconds, frames):
             outputs = self.sparse(frames, grid)
         frame_stats = self.sparse.last_stats
+        if frame_stats.overhead_seconds is not None:
+            seconds["sparse_overhead"] = frame_stats.overhead_seconds
+            seconds["network"] -= frame_stats.overhead_seconds
         with self._timed("postprocess", seconds, frames):
             result = self.adapter.decode(outputs, frame_size)
             masks = self.adapter.output_masks(result, frame_size)

@@ -27,6 +27,7 @@ from .grid import FrameGeometry, TileIndex
 from .ops import HANDLERS
 from .state import LayerState
 from .tiles import block_tile_map, extract_tiles, scatter_tiles
+from .timing import OverheadTimer
 
 _OP_NAMES: dict = {}
 
@@ -49,6 +50,11 @@ class FrameStats:
     executed_blocks: int
     total_blocks: int
     macs: int
+    overhead_seconds: float | None = None
+    """Wall time of the engine's own work (tile moves, state writes) when timed, else None; see
+    :attr:`BlockSparseModel.time_overhead`."""
+    selected_blocks: int | None = None
+    """Blocks the grid selected, before the bucket rounding on CUDA (None: as many as executed)."""
 
     @property
     def executed_fraction(self) -> float:
@@ -92,7 +98,7 @@ class _FrameExecutor:
         """The state of the next spatial op call site, created on the clip's first frame."""
         layers = self.engine._layers
         if self.recording:
-            layers.append(LayerState(op, self.module_path))
+            layers.append(LayerState(op, self.module_path, self.engine._timer))
         elif self.cursor >= len(layers) or (layers[self.cursor].op, layers[self.cursor].module_path) != (
                 op, self.module_path):
             expected = layers[self.cursor] if self.cursor < len(layers) else None
@@ -110,7 +116,8 @@ class _FrameExecutor:
         the frame; built on CUDA only, where the fused update-and-gather kernel reads it."""
         if self._tile_map is None and self.index is not None and self.index.stream.is_cuda:
             g = self.geometry
-            self._tile_map = block_tile_map(self.index, (g.batch, g.grid_height, g.grid_width))
+            with self.engine._timer:
+                self._tile_map = block_tile_map(self.index, (g.batch, g.grid_height, g.grid_width))
         return self._tile_map
 
     def add_macs(self, macs: int) -> None:
@@ -157,6 +164,10 @@ class BlockSparseModel(nn.Module):
     replayed from a CUDA graph; the one host read per frame is the executed-block count.
     ``executed_grid`` is the grid that actually ran. With ``dense_when_full=True`` a frame that executes
     every block runs the model densely (same result, no tile overhead).
+
+    Set ``time_overhead = True`` to have ``last_stats.overhead_seconds`` report the wall time of the
+    engine's own work (tile gathers and scatters, state writes, tile indexing) on every frame that runs
+    eagerly: always on the CPU, on CUDA only without CUDA graphs (each timed piece then synchronises).
     """
 
     BUCKETS = 16
@@ -171,6 +182,8 @@ class BlockSparseModel(nn.Module):
         self.block_size = block_size
         self.cuda_graphs = cuda_graphs
         self.dense_when_full = dense_when_full
+        self.time_overhead = False
+        self._timer = OverheadTimer()
         self._graphs = BucketGraphs()
         self._module_stack: list[str] = []
         for name, module in self.model.named_modules():
@@ -208,6 +221,8 @@ class BlockSparseModel(nn.Module):
         geometry = FrameGeometry.of_frame(x, self.block_size)
         geometry.check_grid(grid, x.device)
         first = self._geometry is None
+        graphed = self.cuda_graphs and x.is_cuda
+        self._timer.start_frame(self.time_overhead and (first or not graphed), x.device)
         if not first and (geometry != self._geometry or (x.dtype, x.device) != self._frame_format):
             raise InvalidInputError(
                 f"frames changed mid-clip from {self._describe(self._geometry, *self._frame_format)} to "
@@ -221,7 +236,7 @@ class BlockSparseModel(nn.Module):
                 raise InvalidInputError("the first frame after reset() must execute all blocks "
                                         "(its grid must be all True)")
             return self._start_clip(x, geometry)
-        graphed = self.cuda_graphs and x.is_cuda
+        selected = executed
         if graphed and executed:
             quantum = max(total // self.BUCKETS, 1)
             executed = min(-(-executed // quantum) * quantum, total)
@@ -237,8 +252,11 @@ class BlockSparseModel(nn.Module):
             macs = self._graphs.run(executed, body, x, grid, noise)
         else:
             macs = self._execute_tiles(x, grid, executed, None)
-        self.last_stats = FrameStats(executed, total, macs)
+        self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected)
         return self._current_outputs()
+
+    def _overhead(self) -> float | None:
+        return self._timer.seconds if self._timer.active else None
 
     @staticmethod
     def _describe(g: FrameGeometry, dtype, device) -> str:
@@ -251,12 +269,13 @@ class BlockSparseModel(nn.Module):
         leaves, self._output_spec = pytree.tree_flatten(self._call_model(executor, wrap(x, SPATIAL)))
         for i, leaf in enumerate(leaves):
             self._check_output_leaf(i, leaf, geometry, dense=True)
-        self._outputs = [leaf.as_subclass(torch.Tensor).clone() for leaf in leaves]
+        with self._timer:
+            self._outputs = [leaf.as_subclass(torch.Tensor).clone() for leaf in leaves]
+            self.frame_state = x.clone()
+            self.executed_grid = torch.ones(geometry.grid_shape, dtype=torch.bool, device=x.device)
         self._geometry, self._frame_format = geometry, (x.dtype, x.device)
-        self.frame_state = x.clone()
-        self.executed_grid = torch.ones(geometry.grid_shape, dtype=torch.bool, device=x.device)
         total = geometry.batch * geometry.blocks_per_frame
-        self.last_stats = FrameStats(total, total, executor.macs)
+        self.last_stats = FrameStats(total, total, executor.macs, self._overhead())
         return self._current_outputs()
 
     # The two frame bodies below may be captured in CUDA graphs: everything they leave behind must be
@@ -266,24 +285,28 @@ class BlockSparseModel(nn.Module):
         """Execute every block densely, refreshing all states; returns the MACs run."""
         executor = _FrameExecutor(self, self._geometry, None)
         leaves = self._model_outputs(executor, wrap(x, SPATIAL))
-        for buffer, leaf in zip(self._outputs, leaves):
-            buffer.copy_(leaf.as_subclass(torch.Tensor))
-        self.frame_state.copy_(x)
-        self.executed_grid.fill_(True)
+        with self._timer:
+            for buffer, leaf in zip(self._outputs, leaves):
+                buffer.copy_(leaf.as_subclass(torch.Tensor))
+            self.frame_state.copy_(x)
+            self.executed_grid.fill_(True)
         return executor.macs
 
     def _execute_tiles(self, x: torch.Tensor, grid: torch.Tensor, count: int,
                        noise: torch.Tensor | None) -> int:
         """Run the model on ``count`` blocks: the grid's, plus extras ranked by ``noise`` (in [0, 1))."""
-        index = self._tile_index(grid, count, noise)
-        tiles = extract_tiles(x, index, self.block_size)
-        scatter_tiles(self.frame_state, tiles, index)
+        with self._timer:
+            index = self._tile_index(grid, count, noise)
+            tiles = extract_tiles(x, index, self.block_size)
+            scatter_tiles(self.frame_state, tiles, index)
         executor = _FrameExecutor(self, self._geometry, index)
         leaves = self._model_outputs(executor, wrap(tiles, SPATIAL))
-        for buffer, leaf in zip(self._outputs, leaves):
-            scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)
-        blocks = index.stream * self._geometry.blocks_per_frame + index.row * self._geometry.grid_width + index.col
-        self.executed_grid.view(-1).zero_().index_fill_(0, blocks, True)
+        with self._timer:
+            for buffer, leaf in zip(self._outputs, leaves):
+                scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)
+            g = self._geometry
+            blocks = index.stream * g.blocks_per_frame + index.row * g.grid_width + index.col
+            self.executed_grid.view(-1).zero_().index_fill_(0, blocks, True)
         return executor.macs
 
     def _tile_index(self, grid: torch.Tensor, count: int, noise: torch.Tensor | None) -> TileIndex:

@@ -80,3 +80,47 @@ class BucketGraphs:
                 gc.enable()
         self._graphs[key] = (graph, macs)
         return macs
+
+
+def graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> Callable[[torch.Tensor], object]:
+    """``fn`` captured once as a CUDA graph for inputs shaped like ``example`` (a CUDA tensor).
+
+    Returns ``call(x)``: copies ``x`` into the graph's input buffer, replays, and returns a copy of
+    ``fn``'s output (a tensor or any nesting of tuples, lists and dicts of tensors). Use it for a dense
+    reference with the launch overhead removed, as the engine's buckets have it.
+    """
+    if not example.is_cuda:
+        raise ValueError(f"graphed needs a CUDA example input, got one on {example.device}")
+    static_in = example.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP_RUNS):
+            fn(static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(static_in)
+
+    def call(x: torch.Tensor):
+        if x.shape != static_in.shape or x.dtype != static_in.dtype or x.device != static_in.device:
+            raise ValueError(f"the graph was captured for {tuple(static_in.shape)} {static_in.dtype} on "
+                             f"{static_in.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
+        static_in.copy_(x)
+        graph.replay()
+        return _copy(static_out)
+
+    return call
+
+
+def _copy(outputs):
+    """A copy of a tensor, or of the tensors in a nesting of tuples, lists and dicts."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.clone()
+    if isinstance(outputs, dict):
+        return {key: _copy(value) for key, value in outputs.items()}
+    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):  # a namedtuple
+        return type(outputs)(*(_copy(value) for value in outputs))
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(_copy(value) for value in outputs)
+    return outputs

@@ -5,6 +5,7 @@ import torch
 
 from .grid import TileIndex
 from .tiles import gather_tiles, scatter_tiles, update_and_gather
+from .timing import OverheadTimer
 
 
 class LayerState:
@@ -16,29 +17,34 @@ class LayerState:
     op's own border fill outside the image.
     """
 
-    def __init__(self, op: str, module_path: str):
+    def __init__(self, op: str, module_path: str, timer: OverheadTimer | None = None):
         self.op = op
         self.module_path = module_path
+        self.timer = OverheadTimer() if timer is None else timer  # the engine's, shared by all sites
         self.dense: torch.Tensor | None = None  # (N, C, H_l, W_l)
 
     def store(self, dense: torch.Tensor) -> None:
         """Replace the whole map by a dense (N, C, H_l, W_l) input (a fully executed frame)."""
-        if self.dense is None or self.dense.shape != dense.shape or self.dense.dtype != dense.dtype:
-            self.dense = dense.detach().clone()
-        else:
-            self.dense.copy_(dense)
+        with self.timer:
+            if self.dense is None or self.dense.shape != dense.shape or self.dense.dtype != dense.dtype:
+                self.dense = dense.detach().clone()
+            else:
+                self.dense.copy_(dense)
 
     def update(self, tiles: torch.Tensor, index: TileIndex) -> None:
         """Write the executed (K, C, T, T) input tiles into the map."""
-        scatter_tiles(self.dense, tiles, index)
+        with self.timer:
+            scatter_tiles(self.dense, tiles, index)
 
     def update_and_gather(self, tiles: torch.Tensor, index: TileIndex, halo: tuple[int, int, int, int],
                           border: str = "constant", value: float = 0.0,
                           tile_map: torch.Tensor | None = None) -> torch.Tensor:
         """``update`` then ``gather`` of the same blocks (one fused pass where the kernels have one)."""
-        return update_and_gather(self.dense, tiles, index, halo, border, value, tile_map)
+        with self.timer:
+            return update_and_gather(self.dense, tiles, index, halo, border, value, tile_map)
 
     def gather(self, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
                border: str = "constant", value: float = 0.0) -> torch.Tensor:
         """The executed tiles grown by ``halo`` (left, right, top, bottom): (K, C, T+t+b, T+l+r)."""
-        return gather_tiles(self.dense, index, tile_size, halo, border, value)
+        with self.timer:
+            return gather_tiles(self.dense, index, tile_size, halo, border, value)

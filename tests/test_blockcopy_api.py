@@ -13,6 +13,7 @@ from torch import nn
 
 from blockcopy_core.adapters import CenterNetAdapter, SemanticSegmentationAdapter, paint_class_masks
 from blockcopy_core.blockcopy import STAGES, BlockCopy
+from blockcopy_core.engine import convert
 from blockcopy_core.information_gain import box_information_gain, pool_to_blocks, semantic_information_gain
 from blockcopy_core.macs import count_macs
 from blockcopy_core.policy import RandomPolicy, blocks_for_target
@@ -91,7 +92,7 @@ def test_first_frame_full_then_policy_frames(block_size):
     first = bc.step(frames[0])
     assert first.full_frame and first.grid.all() and first.grid.shape == grid_shape
     assert first.information_gain is None and first.ig_map is None and first.policy_stats is None
-    assert set(first.seconds) == {"network", "postprocess"}
+    assert set(first.seconds) == {"network", "sparse_overhead", "postprocess"}
     second = bc(frames[1])
     assert not second.full_frame
     assert second.grid.shape == grid_shape and second.grid.dtype == torch.bool
@@ -114,10 +115,12 @@ def test_statistics_are_sensible():
     stats = bc.statistics
     summary = stats.as_dict()
     assert set(summary) == {"frames", "full_frames", "executed_fraction", "policy_executed_fraction",
+                            "policy_selected_fraction",
                             "gmacs_per_frame", "network_gmacs_per_frame", "ms_per_frame"}
     assert stats.frames == 6 and stats.full_frames == 1
     assert stats.total_blocks == 6 * STREAMS * (HEIGHT // 32) * (WIDTH // 32)
     assert 0.0 <= stats.policy_executed_fraction <= 1.0
+    assert stats.policy_selected_fraction == stats.policy_executed_fraction, "no bucket rounding on the CPU"
     assert stats.executed_fraction == pytest.approx((stats.policy_executed_fraction * 5 + 1) / 6)
     dense_gmacs = count_macs(bc.sparse.model, frames[0]) / 1e9
     assert 0.0 < stats.gmacs_per_frame(include_policy=False) <= dense_gmacs
@@ -130,6 +133,7 @@ def test_statistics_are_sensible():
     times = stats.ms_per_frame()
     assert set(times) == {*STAGES, "total"} and all(value >= 0 for value in times.values())
     assert times["total"] == pytest.approx(sum(times[stage] for stage in STAGES))
+    assert 0.0 < times["sparse_overhead"] < times["network"] + times["sparse_overhead"]
     bc.reset_statistics()
     assert bc.statistics.frames == 0
     bc.step(frames[0])
@@ -316,3 +320,22 @@ def test_semantic_segmentation_adapter_in_the_loop():
     assert bc.policy.net.output_channels == 5
     with pytest.raises(ValueError, match="class maps"):
         seg.decode(torch.zeros(1, 4, 8, 8), (16, 16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_run_matches_the_cpu_engine_on_the_blocks_it_executed():
+    """The whole loop on CUDA (policy, CUDA-graph buckets, IG, update) against the CPU reference engine
+    fed the same frames and the grids that actually ran on the GPU (bucket extras included)."""
+    gpu = BlockCopy(tiny_model().cuda(), 32, policy="rl", target=0.3, adapter=adapter(), **SMALL_POLICY)
+    cpu = convert(tiny_model(), 32)
+    for number, frame in enumerate(clip(8)):
+        step = gpu.step(frame.cuda())
+        executed = gpu.sparse.executed_grid.cpu()
+        assert executed.shape == step.grid.shape and bool((executed | ~step.grid.cpu()).all()), \
+            "every block the policy selected must have run"
+        expected = cpu(frame, executed)
+        for key in ("heatmap", "wh"):
+            torch.testing.assert_close(step.outputs[key].cpu(), expected[key], rtol=1e-4, atol=1e-4)
+        if number:
+            assert step.ig_map.is_cuda and step.information_gain.shape == step.grid.shape
+    assert gpu.statistics.frames == 8 and gpu.policy.net.training

@@ -132,3 +132,40 @@ def test_weights_are_shared_not_copied(arch):
     sparse = arch.convert()
     for (name, p), (_, q) in zip(model.named_parameters(), sparse.model.named_parameters()):
         assert p is q, name
+
+
+def test_overhead_timing_measures_the_tile_moves_and_changes_nothing(monkeypatch):
+    """``time_overhead`` reports the time spent in tile moves and state writes: a known delay added to
+    every fused update-and-gather shows up in full, and the outputs are those of an untimed run."""
+    import time
+
+    import blockcopy_core.state as state
+
+    arch = Arch("mobilenet_v3_like")
+    frames = arch.frames(3)
+    grids = [arch.full_grid(), arch.random_grid(), arch.random_grid()]
+    untimed = arch.convert()
+    expected = [untimed(f, g) for f, g in zip(frames, grids)]
+    assert untimed.last_stats.overhead_seconds is None
+
+    delay, calls = 0.002, []
+    original = state.update_and_gather
+
+    def slow_update_and_gather(*args, **kwargs):
+        calls.append(1)
+        time.sleep(delay)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(state, "update_and_gather", slow_update_and_gather)
+    timed = arch.convert()
+    timed.time_overhead = True
+    for frame, grid, reference in zip(frames, grids, expected):
+        calls.clear()
+        start = time.perf_counter()
+        out = timed(frame, grid)
+        elapsed = time.perf_counter() - start
+        overhead = timed.last_stats.overhead_seconds
+        assert rel_error(out, reference) == 0.0
+        assert overhead is not None and 0.0 < overhead < elapsed
+        assert overhead >= delay * len(calls)
+    assert calls, "the sparse frames must have gathered tiles through the layer states"

@@ -47,5 +47,11 @@ def test_main_job_end_to_end(tmp_path, capsys):
     assert saved["runs"][1]["policy_gmacs_per_frame"] > 0
     printed = capsys.readouterr().out
     table_rows = [line for line in printed.splitlines() if line.startswith("| ") and "---" not in line]
-    assert len(table_rows) == 1 + len(methods)
-    assert results["table"] in printed
+    assert len(table_rows) == 2 * (1 + len(methods))  # the results table and the timing table
+    assert results["table"] in printed and results["timing_table"] in printed
+    for row in saved["runs"]:
+        times = row["ms_per_frame"]
+        assert times["sparse_overhead"] is not None, "on the CPU the engine's work is timed apart"
+        assert times["total"] == pytest.approx(sum(value for key, value in times.items() if key != "total"))
+    assert saved["runs"][0]["ms_per_frame"]["sparse_overhead"] == 0.0
+    assert all(row["ms_per_frame"]["sparse_overhead"] > 0 for row in saved["runs"][1:])

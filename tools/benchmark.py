@@ -34,6 +34,7 @@ import torchvision
 from tqdm import tqdm
 
 import blockcopy_core as bc
+from blockcopy_core.graphs import graphed
 
 TRUNKS = {
     "resnet50": torchvision.models.resnet50,
@@ -43,27 +44,6 @@ TRUNKS = {
 
 def trunk(name: str) -> torch.nn.Module:
     return torch.nn.Sequential(*list(TRUNKS[name]().children())[:-2]).eval()
-
-
-def graphed(fn, example: torch.Tensor):
-    """``fn`` captured in a CUDA graph; returns call(x) -> output copy."""
-    static_in = example.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
-
-    def call(x):
-        static_in.copy_(x)
-        graph.replay()
-        return static_out.clone()
-
-    return call
 
 
 def median_ms(step, frames: int, warmup: int) -> float:

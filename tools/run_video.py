@@ -52,6 +52,7 @@ from blockcopy_core.data import (VideoReader, VideoWriter, boxes_for_frames, loa
 from blockcopy_core.engine import FrameStats  # noqa: E402
 from blockcopy_core.evaluation import (average_precision_50, detection_agreement,  # noqa: E402
                                        log_average_miss_rate)
+from blockcopy_core.graphs import graphed  # noqa: E402
 from blockcopy_core.macs import count_macs  # noqa: E402
 from blockcopy_core.models.centernet import PERSON_CLASS, load_centernet  # noqa: E402
 from blockcopy_core.visualize import blockcopy_mosaic  # noqa: E402
@@ -82,10 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-clip", type=int, default=20,
                         help="clip length of the pre-training passes (each clip starts with a full frame)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads of torch's intra-op parallelism; 1 is robust on a shared machine "
-                             "(with other processes busy, 2 threads on 2 cores ran 10x slower than 1), more "
-                             "is faster on an idle many-core machine")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads of torch's intra-op parallelism (default: torch's, one per core); "
+                             "use 1 on a machine busy with other work (there, 2 threads on 2 cores ran 10x "
+                             "slower than 1)")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs")
     parser.add_argument("--no-video", action="store_true", help="skip the visualisation video")
     parser.add_argument("--vis-frames", default="301-500",
@@ -103,13 +104,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class DenseRunner:
-    """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface."""
+    """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface.
+
+    On CUDA the model runs as one CUDA graph, as the block-sparse runs do, so that their times compare.
+    """
 
     def __init__(self, model: torch.nn.Module, adapter: CenterNetAdapter, block_size: int) -> None:
         self.model = model
         self.adapter = adapter
         self.block_size = block_size
         self._macs: int | None = None
+        self._forward = None
         self.reset_statistics()
 
     def reset_statistics(self) -> None:
@@ -119,13 +124,18 @@ class DenseRunner:
     def step(self, frames: torch.Tensor) -> StepResult:
         """One (N, 3, H, W) frame through the model; the result mimics a BlockCopy full frame."""
         size = (frames.shape[-2], frames.shape[-1])
-        if self._macs is None:
+        if self._forward is None:
             self._macs = count_macs(self.model, frames)
+            self._forward = graphed(self.model, frames) if frames.is_cuda else self.model
+        synchronize(frames)
         start = time.perf_counter()
-        outputs = self.model(frames)
+        outputs = self._forward(frames)
+        synchronize(frames)
         network = time.perf_counter() - start
         result = self.adapter.decode(outputs, size)
-        seconds = {"network": network, "postprocess": time.perf_counter() - start - network}
+        synchronize(frames)
+        seconds = {"network": network, "sparse_overhead": 0.0,
+                   "postprocess": time.perf_counter() - start - network}
         blocks = frames.shape[0] * (size[0] // self.block_size) * (size[1] // self.block_size)
         grid = torch.ones(frames.shape[0], 1, size[0] // self.block_size, size[1] // self.block_size,
                           dtype=torch.bool)
@@ -133,6 +143,12 @@ class DenseRunner:
                           None, seconds)
         self.statistics.add(step)
         return step
+
+
+def synchronize(frames: torch.Tensor) -> None:
+    """Wait for the GPU (so that stage times are exact); nothing on the CPU."""
+    if frames.is_cuda:
+        torch.cuda.synchronize(frames.device)
 
 
 def person_detections(step: StepResult) -> dict[str, torch.Tensor]:
@@ -219,6 +235,7 @@ def evaluate(run: dict, ground_truth: list, ignore: list, dense_detections: list
         "method": run["method"],
         "tau": run["tau"],
         "executed_fraction": stats.executed_fraction,
+        "selected_fraction": stats.policy_selected_fraction if stats.policy_total_blocks else 1.0,
         "warmup_executed_fraction": None if warmup is None else warmup.policy_executed_fraction,
         "gmacs_per_frame": stats.gmacs_per_frame(),
         "network_gmacs_per_frame": stats.gmacs_per_frame(include_policy=False),
@@ -235,17 +252,32 @@ def evaluate(run: dict, ground_truth: list, ignore: list, dense_detections: list
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of the runs."""
-    header = ("| method | tau | executed | GMACs/frame (net + policy) | MR % | AP50 % | agreement F1 | "
+    """A Markdown table of the runs. Executed: the fraction of blocks run (on CUDA rounded up to the
+    engine's buckets); selected: the fraction the policy chose (tau's target)."""
+    header = ("| method | tau | executed (selected) | GMACs/frame (net + policy) | MR % | AP50 % | agreement F1 | "
               "ms/frame |")
     lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in rows:
         tau = "-" if row["tau"] is None else f"{row['tau']:g}"
         gmacs = f"{row['gmacs_per_frame']:.3f} ({row['network_gmacs_per_frame']:.3f} + " \
                 f"{row['policy_gmacs_per_frame']:.3f})"
-        lines.append(f"| {row['method']} | {tau} | {row['executed_fraction']:.3f} | {gmacs} | "
+        executed = f"{row['executed_fraction']:.3f} ({row['selected_fraction']:.3f})"
+        lines.append(f"| {row['method']} | {tau} | {executed} | {gmacs} | "
                      f"{100 * row['miss_rate']:.2f} | {100 * row['ap50']:.2f} | {row['agreement_f1']:.3f} | "
-                     f"{row['ms_per_frame']['total']:.0f} |")
+                     f"{row['ms_per_frame']['total']:.1f} |")
+    return "\n".join(lines)
+
+
+def format_timing_table(rows: list[dict]) -> str:
+    """A Markdown table of the wall time per frame of each stage (the paper's Table 3 split)."""
+    stages = ("policy", "network", "sparse_overhead", "postprocess", "information_gain", "update", "total")
+    lines = ["| method | tau | " + " | ".join(stage.replace("_", " ") for stage in stages) + " |",
+             "| --- | --- |" + " --- |" * len(stages)]
+    for row in rows:
+        tau = "-" if row["tau"] is None else f"{row['tau']:g}"
+        times = row["ms_per_frame"]
+        cells = ["in network" if times[stage] is None else f"{times[stage]:.2f}" for stage in stages]
+        lines.append(f"| {row['method']} | {tau} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -274,6 +306,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def without_nan(value):
+    """``value`` with every NaN float replaced by None (plain JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value
+
+
 def machine_description(device: str) -> dict:
     processor = platform.processor()
     try:
@@ -289,7 +332,8 @@ def machine_description(device: str) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     video, gt_path = pets09_s2l1_paths()
     total = len(VideoReader(video))
@@ -312,11 +356,14 @@ def main(argv: list[str] | None = None) -> dict:
         for method in args.methods:
             vis = not args.no_video and method == VIS_METHOD and math.isclose(tau, VIS_TAU)
             runs.append(run_one(method, tau, model, adapter, video, args, num_frames, considered, vis))
-    rows = [evaluate(run, ground_truth, ignore, dense["detections"]) for run in runs]
+    rows = [without_nan(evaluate(run, ground_truth, ignore, dense["detections"])) for run in runs]
     wall = time.perf_counter() - started
 
     table = format_table(rows)
+    timing_table = format_timing_table(rows)
     print(table)
+    print(f"\nmilliseconds per frame by stage ({args.device}):")
+    print(timing_table)
     print(f"total wall time {wall / 60:.1f} min")
     plot(rows, args.output_dir / "accuracy_vs_cost.png")
     results = {
@@ -324,16 +371,17 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_description(args.device),
         "config": {"video": str(video), "ground_truth": str(gt_path), "frames": num_frames, "warmup": args.warmup,
                    "evaluated_frames": [eval_numbers.start, eval_numbers.stop - 1], "taus": args.taus,
-                   "methods": args.methods, "seed": args.seed, "threads": args.threads,
+                   "methods": args.methods, "seed": args.seed, "threads": torch.get_num_threads(),
                    "block_size": BLOCK_SIZE,
                    "pretrain_epochs": args.pretrain_epochs, "pretrain_clip": args.pretrain_clip,
                    "ig_classes": list(adapter.classes), "ig_score_threshold": adapter.score_threshold},
         "runs": rows,
         "table": table,
+        "timing_table": timing_table,
         "wall_seconds": wall,
     }
     with open(args.output_dir / "results.json", "w") as handle:
-        json.dump(results, handle, indent=2)
+        json.dump(without_nan(results), handle, indent=2)
     return results
 
 
