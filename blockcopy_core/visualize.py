@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 EXECUTED_COLOR = (0, 220, 90)
+EXTRA_COLOR = (250, 190, 0)
 DETECTION_COLOR = (255, 60, 40)
 GROUND_TRUTH_COLOR = (255, 255, 255)
 GRID_COLOR = (200, 200, 200)
@@ -34,33 +35,47 @@ def _as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
     return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
-def draw_grid(image: np.ndarray, grid: torch.Tensor | np.ndarray, alpha: float = 0.35) -> np.ndarray:
+def _grid_mask(grid: torch.Tensor | np.ndarray) -> np.ndarray:
+    grid = _as_numpy(grid)
+    return grid.reshape(grid.shape[-2:]).astype(bool)
+
+
+def draw_grid(image: np.ndarray, grid: torch.Tensor | np.ndarray, alpha: float = 0.35,
+              extra: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """The image with executed blocks tinted and outlined and thin lines between all blocks.
 
     Args:
         image: (H, W, 3) RGB uint8.
-        grid: (Gh, Gw) (or (1, Gh, Gw)) bool execution grid; Gh and Gw must divide H and W.
+        grid: (Gh, Gw) (or (1, Gh, Gw)) bool grid of the blocks the policy selected (green);
+            Gh and Gw must divide H and W.
         alpha: opacity of the tint.
+        extra: optional grid of the same shape: blocks executed without being selected (the engine's
+            bucket extras on CUDA), drawn in amber.
     """
-    grid = _as_numpy(grid)
-    grid = grid.reshape(grid.shape[-2:]).astype(bool)
+    grid = _grid_mask(grid)
+    extra = np.zeros_like(grid) if extra is None else _grid_mask(extra)
+    if extra.shape != grid.shape:
+        raise ValueError(f"the extra grid {extra.shape} does not match the grid {grid.shape}")
+    extra = extra & ~grid
     height, width = image.shape[:2]
     rows, cols = grid.shape
     if height % rows or width % cols:
         raise ValueError(f"a {rows}x{cols} grid does not tile a {height}x{width} image")
     block_h, block_w = height // rows, width // cols
-    mask = np.kron(grid, np.ones((block_h, block_w), dtype=bool))
     out = image.astype(np.float32)
-    out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(EXECUTED_COLOR, np.float32)
+    for blocks, color in ((grid, EXECUTED_COLOR), (extra, EXTRA_COLOR)):
+        mask = np.kron(blocks, np.ones((block_h, block_w), dtype=bool))
+        out[mask] = (1 - alpha) * out[mask] + alpha * np.asarray(color, np.float32)
     out = out.astype(np.uint8)
     for row in range(1, rows):
         cv2.line(out, (0, row * block_h), (width - 1, row * block_h), GRID_COLOR, 1)
     for col in range(1, cols):
         cv2.line(out, (col * block_w, 0), (col * block_w, height - 1), GRID_COLOR, 1)
-    for row, col in zip(*np.nonzero(grid)):
-        top_left = (int(col * block_w), int(row * block_h))
-        bottom_right = (int((col + 1) * block_w - 1), int((row + 1) * block_h - 1))
-        cv2.rectangle(out, top_left, bottom_right, EXECUTED_COLOR, 2)
+    for blocks, color in ((grid, EXECUTED_COLOR), (extra, EXTRA_COLOR)):
+        for row, col in zip(*np.nonzero(blocks)):
+            top_left = (int(col * block_w), int(row * block_h))
+            bottom_right = (int((col + 1) * block_w - 1), int((row + 1) * block_h - 1))
+            cv2.rectangle(out, top_left, bottom_right, color, 2)
     return out
 
 
@@ -120,22 +135,24 @@ def blockcopy_mosaic(frame: torch.Tensor | np.ndarray, grid: torch.Tensor | np.n
                      frame_state: torch.Tensor | np.ndarray, ig_map: torch.Tensor | np.ndarray | None,
                      boxes: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray,
                      ground_truth: torch.Tensor | np.ndarray | None = None, scale: float = 0.5,
-                     title: str = "") -> np.ndarray:
+                     title: str = "", executed: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """A 2x2 mosaic of one frame of one stream.
 
-    Panels: (1) the frame with the executed blocks tinted, (2) the frame state, (3) the IG map over a
+    Panels: (1) the frame with the selected blocks tinted green (bucket extras amber), (2) the frame state, (3) the IG map over a
     dimmed frame (black on a clip's first frame, which has no IG), (4) the frame with the detections
     (and the ground truth, thin white, if given).
 
     Args:
         frame: (3, H, W) or (H, W, 3), values 0..255.
-        grid: (Gh, Gw) bool executed blocks.
+        grid: (Gh, Gw) bool blocks the policy selected.
         frame_state: like ``frame``: each block's pixels at its last execution.
         ig_map: (h, w) IG map at any integer stride, or None.
         boxes, scores: (K, 4) x1y1x2y2 frame-pixel detections to draw and their (K,) scores.
         ground_truth: optional (M, 4) x1y1x2y2 boxes.
         scale: panel size relative to the frame.
         title: printed on the first panel.
+        executed: optional (Gh, Gw) bool blocks that actually ran (a superset of ``grid`` on CUDA,
+            where the engine rounds up to its buckets).
 
     Returns:
         (2 * round(H * scale), 2 * round(W * scale), 3) RGB uint8.
@@ -147,8 +164,11 @@ def blockcopy_mosaic(frame: torch.Tensor | np.ndarray, grid: torch.Tensor | np.n
     def shrink(panel: np.ndarray) -> np.ndarray:
         return cv2.resize(panel, size, interpolation=cv2.INTER_AREA)
 
-    executed = _as_numpy(grid).astype(bool)
-    panel_grid = put_label(draw_grid(shrink(image), executed), f"{title} executed {executed.mean():.0%}".strip())
+    selected = _grid_mask(grid)
+    label = f"{title} selected {selected.mean():.0%}"
+    if executed is not None and (_grid_mask(executed) & ~selected).any():
+        label += f", ran {_grid_mask(executed).mean():.0%}"
+    panel_grid = put_label(draw_grid(shrink(image), selected, extra=executed), label.strip())
     panel_state = put_label(shrink(to_image(frame_state)), "frame state")
     if ig_map is None:
         panel_ig = put_label(np.zeros_like(panel_state), "information gain (full frame)")

@@ -55,3 +55,21 @@ def test_main_job_end_to_end(tmp_path, capsys):
         assert times["total"] == pytest.approx(sum(value for key, value in times.items() if key != "total"))
     assert saved["runs"][0]["ms_per_frame"]["sparse_overhead"] == 0.0
     assert all(row["ms_per_frame"]["sparse_overhead"] > 0 for row in saved["runs"][1:])
+
+
+@pytest.mark.skipif(not (DATA / "vtest.avi").is_file(), reason="PETS09-S2L1 video not in the shared data folder")
+def test_main_job_without_ground_truth_reports_agreement_only(tmp_path, monkeypatch, capsys):
+    run_video = load_run_video()
+    monkeypatch.setattr(run_video, "pets09_s2l1_paths", lambda require_ground_truth=True: (DATA / "vtest.avi", None))
+    threads = torch.get_num_threads()
+    try:
+        results = run_video.main(["--frames", "6", "--warmup", "3", "--taus", "0.5", "--methods", "residual",
+                                  "--no-video", "--device", "cpu", "--output-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert "no ground truth" in capsys.readouterr().err
+    assert [row["method"] for row in results["runs"]] == ["dense", "residual"]
+    for row in results["runs"]:
+        assert row["miss_rate"] is None and row["ap50"] is None and 0.0 <= row["agreement_f1"] <= 1.0
+    assert "n/a" in results["table"] and results["config"]["ground_truth"] is None
+    assert (tmp_path / "accuracy_vs_cost.png").stat().st_size > 0
