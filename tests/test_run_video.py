@@ -73,3 +73,11 @@ def test_main_job_without_ground_truth_reports_agreement_only(tmp_path, monkeypa
         assert row["miss_rate"] is None and row["ap50"] is None and 0.0 <= row["agreement_f1"] <= 1.0
     assert "n/a" in results["table"] and results["config"]["ground_truth"] is None
     assert (tmp_path / "accuracy_vs_cost.png").stat().st_size > 0
+
+
+def test_visualised_frames_fall_back_to_the_evaluated_ones():
+    frames_to_show = load_run_video().frames_to_show
+    assert frames_to_show((301, 500), 300, 795) == (301, 500)
+    assert frames_to_show((301, 900), 300, 795) == (301, 795)
+    assert frames_to_show((301, 500), 60, 120) == (61, 120), "a quick run still gets a video"
+    assert frames_to_show((2, 8), 3, 8) == (2, 8)

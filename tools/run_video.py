@@ -91,7 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-video", action="store_true", help="skip the visualisation video")
     parser.add_argument("--vis-frames", default="301-500",
                         help="1-based inclusive frame range FIRST-LAST of the visualisation video "
-                             f"(the {VIS_METHOD} run at tau={VIS_TAU})")
+                             f"(the {VIS_METHOD} run at tau={VIS_TAU}); when the run stops before FIRST, "
+                             "the first 200 evaluated frames")
     args = parser.parse_args(argv)
     try:
         first, last = (int(part) for part in args.vis_frames.split("-"))
@@ -185,7 +186,7 @@ def run_one(method: str, tau: float | None, model, adapter, video: Path, args, n
             mosaic = visualise(step, frame, runner.sparse.frame_state[0], runner.sparse.executed_grid[0, 0],
                                ground_truth.get(number), number, label)
             writer.write(mosaic)
-            if number == (args.vis_range[0] + min(args.vis_range[1], num_frames)) // 2:
+            if number == (args.vis_range[0] + args.vis_range[1]) // 2:
                 still = mosaic
     if writer is not None:
         writer.close()
@@ -343,6 +344,15 @@ def machine_description(device: str) -> dict:
             "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None}
 
 
+def frames_to_show(requested: tuple[int, int], warmup: int, num_frames: int) -> tuple[int, int]:
+    """The requested FIRST-LAST frames of the video, or, when none of them is run (a short
+    ``--frames``), the first 200 evaluated frames."""
+    first, last = requested
+    if first > num_frames or last < 1 or first > last:
+        return warmup + 1, min(num_frames, warmup + 200)
+    return first, min(last, num_frames)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads is not None:
@@ -362,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
         considered = load_mot_ground_truth(gt_path)
         ground_truth = boxes_for_frames(considered, eval_numbers)
         ignore = boxes_for_frames(load_mot_ignore_boxes(gt_path), eval_numbers)
+    args.vis_range = frames_to_show(args.vis_range, args.warmup, num_frames)
     model = load_centernet(device=args.device)
     adapter = CenterNetAdapter(classes=(PERSON_CLASS,), decode_classes=(PERSON_CLASS,))
     print(f"PETS09-S2L1: frames 1-{num_frames} ({num_frames} of {total}), warm-up 1-{args.warmup}, "
