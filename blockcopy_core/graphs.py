@@ -53,33 +53,48 @@ class BucketGraphs:
                 return body(*static)
             graph.replay()
             return macs
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP_RUNS):
-                macs = body(*static)
-        torch.cuda.current_stream().wait_stream(side)
+        macs = _warm_up(body, static)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # A garbage collection during the capture could free another graph or CUDA memory, which is not
-        # permitted while a stream captures: collect before, and not during.
-        gc.collect()
-        collecting = gc.isenabled()
-        gc.disable()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                body(*static)
+            graph, _ = _capture(body, static, self._pool)
         except RuntimeError as error:
             warnings.warn(f"blockcopy: capturing the CUDA graph of bucket {key!r} failed ({error}); this "
                           "bucket runs eagerly", RuntimeWarning, stacklevel=3)
             torch.cuda.synchronize()
             graph = None
-        finally:
-            if collecting:
-                gc.enable()
         self._graphs[key] = (graph, macs)
         return macs
+
+
+def _warm_up(body: Callable, inputs: list[torch.Tensor]):
+    """Run ``body(*inputs)`` eagerly a few times on a side stream (lazy initialisation, cuDNN
+    heuristics), as torch advises before a capture; returns the last run's result."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(_WARMUP_RUNS):
+            result = body(*inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    return result
+
+
+def _capture(body: Callable, inputs: list[torch.Tensor], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """Capture ``body(*inputs)`` as a CUDA graph; returns the graph and what the captured call returned
+    (tensors that each replay rewrites)."""
+    graph = torch.cuda.CUDAGraph()
+    # A garbage collection during the capture could free another graph or CUDA memory, which is not
+    # permitted while a stream captures: collect before, and not during.
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with torch.cuda.graph(graph, pool=pool):
+            result = body(*inputs)
+    finally:
+        if collecting:
+            gc.enable()
+    return graph, result
 
 
 def graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> Callable[[torch.Tensor], object]:
@@ -92,15 +107,8 @@ def graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> Call
     if not example.is_cuda:
         raise ValueError(f"graphed needs a CUDA example input, got one on {example.device}")
     static_in = example.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(_WARMUP_RUNS):
-            fn(static_in)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn(static_in)
+    _warm_up(fn, [static_in])
+    graph, static_out = _capture(fn, [static_in])
 
     def call(x: torch.Tensor):
         if x.shape != static_in.shape or x.dtype != static_in.dtype or x.device != static_in.device:

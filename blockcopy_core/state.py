@@ -17,10 +17,10 @@ class LayerState:
     op's own border fill outside the image.
     """
 
-    def __init__(self, op: str, module_path: str, timer: OverheadTimer | None = None):
+    def __init__(self, op: str, module_path: str, timer: OverheadTimer):
         self.op = op
         self.module_path = module_path
-        self.timer = OverheadTimer() if timer is None else timer  # the engine's, shared by all sites
+        self.timer = timer  # the engine's, shared by all sites
         self.dense: torch.Tensor | None = None  # (N, C, H_l, W_l)
 
     def store(self, dense: torch.Tensor) -> None:

@@ -165,10 +165,11 @@ def blockcopy_mosaic(frame: torch.Tensor | np.ndarray, grid: torch.Tensor | np.n
         return cv2.resize(panel, size, interpolation=cv2.INTER_AREA)
 
     selected = _grid_mask(grid)
+    ran = None if executed is None else _grid_mask(executed)
     label = f"{title} selected {selected.mean():.0%}"
-    if executed is not None and (_grid_mask(executed) & ~selected).any():
-        label += f", ran {_grid_mask(executed).mean():.0%}"
-    panel_grid = put_label(draw_grid(shrink(image), selected, extra=executed), label.strip())
+    if ran is not None and (ran & ~selected).any():
+        label += f", ran {ran.mean():.0%}"
+    panel_grid = put_label(draw_grid(shrink(image), selected, extra=ran), label.strip())
     panel_state = put_label(shrink(to_image(frame_state)), "frame state")
     if ig_map is None:
         panel_ig = put_label(np.zeros_like(panel_state), "information gain (full frame)")

@@ -32,13 +32,7 @@ from blockcopy_core.policy import (
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tests' tiny convolutions run fastest on one thread, and then a busy machine slows them least."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def observation(streams, grid_h, grid_w, block_size, classes=1, seed=0):

@@ -410,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_seconds": wall,
     }
     with open(args.output_dir / "results.json", "w") as handle:
-        json.dump(without_nan(results), handle, indent=2)
+        json.dump(results, handle, indent=2)
     return results
 
 
