@@ -7,7 +7,10 @@ torch op that touches an activation is routed (through ``__torch_function__``) t
 An activation has a *role*:
   - ``"spatial"``: a feature map. On a clip's first (dense) frame it is (N, C, H_l, W_l); on sparse
     frames it is a (K, C, T, T) batch of tiles, one per executed block. ``halo`` is set when the tile
-    was grown by ``F.pad`` for the next convolution or pooling.
+    was grown by ``F.pad`` for the next convolution or pooling. ``spatial_dims`` says where its H and W
+    dims are, counted from the end: (-2, -1) for (..., H, W) maps, (-3, -2) for a channels-last
+    (N, H, W, C) map after ``permute(0, 2, 3, 1)``, on which position-wise ops (LayerNorm and Linear
+    over the last dim, ...) still run; ops with spatial extent need (-2, -1).
   - ``"vector"``: a per-stream value with no spatial extent, e.g. a squeeze-excite descriptor (N, C, 1, 1)
     or (N, C), computed from the dense state of a global op.
 """
@@ -20,6 +23,7 @@ import torch
 
 SPATIAL = "spatial"
 VECTOR = "vector"
+STANDARD_DIMS = (-2, -1)  # the (H, W) dims of an (N, C, H, W) map, counted from the end
 
 _active = threading.local()
 
@@ -29,6 +33,7 @@ class Activation(torch.Tensor):
 
     bc_role: str = SPATIAL
     bc_halo: tuple[int, int, int, int] | None = None
+    bc_spatial_dims: tuple[int, int] = STANDARD_DIMS
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -39,12 +44,19 @@ class Activation(torch.Tensor):
         return executor.dispatch(func, args, kwargs or {})
 
 
-def wrap(tensor: torch.Tensor, role: str, halo: tuple[int, int, int, int] | None = None) -> Activation:
-    """View a plain tensor as an Activation of the given role (no copy)."""
+def wrap(tensor: torch.Tensor, role: str, halo: tuple[int, int, int, int] | None = None,
+         spatial_dims: tuple[int, int] = STANDARD_DIMS) -> Activation:
+    """View a plain tensor as an Activation of the given role and layout (no copy)."""
     out = tensor.as_subclass(Activation)
     out.bc_role = role
     out.bc_halo = halo
+    out.bc_spatial_dims = spatial_dims
     return out
+
+
+def spatial_dims(x: Activation) -> tuple[int, int]:
+    """Positions (from the front) of the H and W dims of a feature map ``x``."""
+    return x.dim() + x.bc_spatial_dims[0], x.dim() + x.bc_spatial_dims[1]
 
 
 def unwrap(value: Any) -> Any:

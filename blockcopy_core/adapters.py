@@ -10,7 +10,9 @@ raw output structure into
   max-pools it per block;
 * ``output_masks(result, frame_size)``: O_t, the per-class probability masks the policy sees at the
   next frame (method.md section 2), ``output_channels`` of them;
-* ``policy_frame(frames)``: the frames as RGB in [0, 1], as the policy expects them.
+* ``policy_frame(frames)``: the frames as RGB in [0, 1], as the policy expects them, from the frames
+  the model takes (described by the adapter's :class:`InputFormat`: pixel mean and std, channel order,
+  value range). The engine's frame state stays in the model's input space.
 
 :class:`DetectionAdapter` implements the last three for any detector from its detections;
 :class:`CenterNetAdapter` adds the CenterNet decoding. :class:`SemanticSegmentationAdapter` covers
@@ -20,11 +22,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInputError
 from .information_gain import batch_box_information_gain, semantic_information_gain
 from .models.centernet import NUM_CLASSES, OUTPUT_STRIDE, PERSON_CLASS, decode_detections
 
@@ -38,21 +42,77 @@ STREET_CLASSES = (PERSON_CLASS, 1, 2, 3, 5, 7)
 """COCO person, bicycle, car, motorcycle, bus and truck: the road users of street scenes."""
 
 
+@dataclass(frozen=True)
+class InputFormat:
+    """How the frames a model takes encode a picture: ``x = (pixels - pixel_mean) / pixel_std`` per
+    channel, with ``pixels`` in [0, ``max_value``] in ``channel_order``.
+
+    Detectron2's defaults are ``InputFormat(pixel_mean=(103.53, 116.28, 123.675), channel_order="BGR")``
+    (``cfg.MODEL.PIXEL_MEAN``, ``PIXEL_STD``, ``INPUT.FORMAT``); MMDetection's detectors usually take
+    ``InputFormat((123.675, 116.28, 103.53), (58.395, 57.12, 57.375))`` after their data preprocessor
+    converted BGR to RGB; CenterNet here takes plain RGB 0..255, ``InputFormat()``.
+
+    Attributes:
+        pixel_mean: per-channel mean subtracted by the framework, in the frames' channel order.
+        pixel_std: per-channel divisor, in the frames' channel order.
+        channel_order: ``"RGB"`` or ``"BGR"``.
+        max_value: the pixel value of full intensity before normalisation (255 for 8-bit frames).
+    """
+
+    pixel_mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    pixel_std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channel_order: str = "RGB"
+    max_value: float = 255.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
+        object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+        if len(self.pixel_mean) != 3 or len(self.pixel_std) != 3:
+            raise ValueError(f"pixel_mean and pixel_std need 3 values (one per colour channel), got "
+                             f"{self.pixel_mean} and {self.pixel_std}")
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_std must be positive, got {self.pixel_std}")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise ValueError(f"channel_order must be 'RGB' or 'BGR', got {self.channel_order!r}")
+        if self.max_value <= 0:
+            raise ValueError(f"max_value must be positive, got {self.max_value}")
+
+    def check(self, frames: torch.Tensor) -> None:
+        """Raise :class:`InvalidInputError` unless ``frames`` is (N, 3, H, W) floating point."""
+        if frames.dim() != 4 or frames.shape[1] != 3:
+            raise InvalidInputError(
+                f"frames must be (N, 3, H, W) colour frames ({self.channel_order}), got shape "
+                f"{tuple(frames.shape)}: the policy reads 3 colour channels")
+        if not frames.is_floating_point():
+            raise InvalidInputError(f"frames must be floating point as the model takes them, got {frames.dtype}")
+
+    def to_rgb(self, frames: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) frames in this format -> (N, 3, H, W) RGB in [0, 1]."""
+        self.check(frames)
+        pixels = frames
+        if self.pixel_std != (1.0, 1.0, 1.0):
+            pixels = pixels * frames.new_tensor(self.pixel_std).view(1, 3, 1, 1)
+        if self.pixel_mean != (0.0, 0.0, 0.0):
+            pixels = pixels + frames.new_tensor(self.pixel_mean).view(1, 3, 1, 1)
+        if self.channel_order == "BGR":
+            pixels = pixels.flip(1)
+        return pixels / self.max_value
+
+
 class OutputAdapter(ABC):
     """Interface between a task network's outputs and the BlockCopy policy loop.
 
     Attributes:
         output_channels: C_out, the number of masks of ``output_masks``.
-        input_scale: the model's input value of a full-intensity pixel (255 for 0..255 inputs, 1 for
-            0..1 inputs); ``policy_frame`` divides frames by it.
+        input_format: how the model's input frames encode RGB (:class:`InputFormat`).
     """
 
     output_channels: int
-    input_scale: float = 1.0
+    input_format: InputFormat = InputFormat()
 
     def policy_frame(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) model input -> (N, 3, H, W) RGB in [0, 1] for the policy."""
-        return frames / self.input_scale
+        return self.input_format.to_rgb(frames)
 
     @abstractmethod
     def decode(self, outputs: Any, frame_size: FrameSize) -> Any:
@@ -123,11 +183,11 @@ class DetectionAdapter(OutputAdapter):
         stride: pixels per cell of the IG map and of the masks O_t.
         class_aware: match current to previous detections only within a class (the paper matches
             regardless of class, which is the same for a single class).
-        input_scale: the model's input value of a full-intensity pixel.
+        input_format: how the model's input frames encode RGB.
     """
 
     def __init__(self, classes: Sequence[int], score_threshold: float = 0.3, stride: int = 4,
-                 class_aware: bool = True, input_scale: float = 1.0) -> None:
+                 class_aware: bool = True, input_format: InputFormat = InputFormat()) -> None:
         if not classes:
             raise ValueError("classes must list at least one class label")
         if len(set(classes)) != len(classes) or min(classes) < 0:
@@ -138,7 +198,7 @@ class DetectionAdapter(OutputAdapter):
         self.score_threshold = float(score_threshold)
         self.stride = stride
         self.class_aware = class_aware
-        self.input_scale = float(input_scale)
+        self.input_format = input_format
         self.output_channels = len(self.classes)
 
     @abstractmethod
@@ -213,7 +273,7 @@ class CenterNetAdapter(DetectionAdapter):
             raise ValueError(f"CenterNet has classes 0..{NUM_CLASSES - 1}")
         if decode_classes is not None and not set(classes) <= set(decode_classes):
             raise ValueError(f"decode_classes {tuple(decode_classes)} must include classes {tuple(classes)}")
-        super().__init__(classes, score_threshold, OUTPUT_STRIDE, class_aware, input_scale=255.0)
+        super().__init__(classes, score_threshold, OUTPUT_STRIDE, class_aware, InputFormat())
         self.max_detections = max_detections
         self.decode_classes = None if decode_classes is None else tuple(int(c) for c in decode_classes)
 
@@ -235,17 +295,17 @@ class SemanticSegmentationAdapter(OutputAdapter):
         select: maps the model's outputs to (N, C, h, w) logits or probabilities (default: the outputs
             themselves); h, w divide the frame size with one common integer stride.
         from_logits: apply a softmax over classes to what ``select`` returns.
-        input_scale: the model's input value of a full-intensity pixel.
+        input_format: how the model's input frames encode RGB.
     """
 
     def __init__(self, num_classes: int, select: Callable[[Any], torch.Tensor] | None = None,
-                 from_logits: bool = True, input_scale: float = 1.0) -> None:
+                 from_logits: bool = True, input_format: InputFormat = InputFormat()) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.output_channels = num_classes
         self.select = select
         self.from_logits = from_logits
-        self.input_scale = float(input_scale)
+        self.input_format = input_format
 
     def decode(self, outputs: Any, frame_size: FrameSize) -> torch.Tensor:
         """(N, C, h, w) class probabilities."""

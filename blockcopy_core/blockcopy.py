@@ -1,6 +1,7 @@
 """BlockCopy: a pretrained CNN run block-sparse over video, the blocks chosen online by a policy.
 
-One :meth:`BlockCopy.step` per frame of N streams (method.md sections 1-4):
+Per frame of N streams (method.md sections 1-4), either one :meth:`BlockCopy.step`, or, when a framework
+runs its own model parts, :meth:`BlockCopy.select` before them and :meth:`BlockCopy.observe` after:
 
 1. policy: from the state S_t = {I_t, H_{t-1}, O_{t-1}, A_{t-1}} choose the grid A_t (the first frame
    of a clip executes every block and skips the policy);
@@ -23,16 +24,19 @@ import torch
 from torch import nn
 
 from .adapters import OutputAdapter
+from .config import BlockCopyConfig
 from .engine import BlockSparseModel, FrameStats, convert
+from .errors import ConfigError, InvalidInputError, ProtocolError
 from .information_gain import pool_to_blocks
 from .macs import count_macs
-from .policy import BlockPolicy, PolicyObservation, build_policy
+from .policy import BlockPolicy, PolicyObservation, policy_from_config
 
 STAGES = ("policy", "network", "sparse_overhead", "postprocess", "information_gain", "update")
 """Timed stages of a step, in order: policy forward (select); the task network on the executed tiles;
 the engine's own work around it (tile gathers and scatters, state writes, tile indexing); adapter
 decoding and O_t painting; IG map and block pooling; policy observe (rewards, and backward + optimiser
-step on update frames). The engine's work can be timed apart only on frames that run eagerly (CPU, or
+step on update frames). With select/observe, ``network`` is the caller's work between the two calls
+(unless the caller reports its own split) and ``postprocess`` the O_t painting. The engine's work can be timed apart only on frames that run eagerly (CPU, or
 CUDA without CUDA graphs): on a CUDA-graph frame it stays inside ``network`` and the frame has no
 ``sparse_overhead`` entry."""
 
@@ -163,59 +167,107 @@ class RunStatistics:
         }
 
 
-class BlockCopy:
+@dataclass
+class _Selection:
+    """What :meth:`BlockCopy.select` hands to :meth:`BlockCopy.observe` for one frame."""
+
+    grid: torch.Tensor
+    full_frame: bool
+    frame_size: tuple[int, int]
+    policy_macs: int
+    seconds: dict[str, float]
+    engine_stats: FrameStats | None
+    selected_at: float
+
+
+class BlockCopy(nn.Module):
     """A video model that executes only the blocks an online policy selects.
 
-    ``BlockCopy(model, block_size, policy, target, adapter)`` wraps a pretrained fully convolutional
-    ``model`` (eval mode) for block-sparse execution and pairs it with a block policy. Feed the frames
-    of N streams in order with :meth:`step` (or call the object); :meth:`reset` starts new clips. The
-    first frame after a reset executes every block.
+    ``BlockCopy(model, adapter, config)`` converts a pretrained fully convolutional ``model`` (eval mode)
+    for block-sparse execution, or takes an already converted one, and pairs it with the block policy
+    the config names. Frames of N streams come in order; :meth:`reset` starts new clips, and the first
+    frame after it executes every block.
+
+    Two ways to drive it:
+
+    * ``step(frames)`` (or calling the object): policy, block-sparse model, the adapter's ``decode``,
+      information gain and policy update in one call.
+    * For frameworks that run their own model parts (a two-stage detector: backbone and RPN block-sparse,
+      ROI heads dense, post-processing with per-image sizes): ``grid = select(frames)``; run the
+      block-sparse parts with ``grid`` (``self.sparse(frames, grid)``, or a larger model containing
+      it) and the rest densely; then ``observe(result)`` with the task result of the frame, in the form
+      the adapter's ``information_gain`` and ``output_masks`` take.
+
+    BlockCopy is an ``nn.Module`` whose only child is the policy: ``state_dict()`` holds the policy
+    (network, optimiser, cost average) and ``.to()`` moves it. The task model is the caller's: it is not
+    in BlockCopy's ``state_dict`` and not moved with it (frameworks keep it in their own model). Online
+    learning is its own switch, :attr:`online_learning`: ``.train()`` and ``.eval()`` (which frameworks
+    call before testing) do not change it. The policy's optimiser holds only the policy network's
+    parameters; to keep a task optimiser off the policy, build it from :func:`task_parameters`.
 
     Args:
-        model: the task network (an ``nn.Module``, or a :class:`BlockSparseModel` from ``convert``).
-        block_size: block side in pixels; must divide the frame size and be a multiple of every layer's
-            stride (64 for CenterNet at 768x576).
-        policy: a name of :data:`blockcopy_core.policy.POLICIES` (``rl``, ``random``, ``residual``,
-            ``lowfps``, ``all``, ``none``) or a :class:`BlockPolicy`.
-        target: tau, the target fraction of executed blocks (ignored when ``policy`` is an object).
-        adapter: turns the model's outputs into results, IG and O_t (see :mod:`blockcopy_core.adapters`).
+        model: the task network (an ``nn.Module`` in eval mode, or a :class:`BlockSparseModel`).
+        adapter: turns the model's outputs into results, IG and O_t, and the frames the model takes into
+            the RGB frames the policy takes (see :mod:`blockcopy_core.adapters`).
+        config: the settings (:class:`BlockCopyConfig`); keyword ``overrides`` change single fields.
+        policy: a policy name (the same as ``config.policy``), or a :class:`BlockPolicy` object to use
+            instead of the one the config names; an object keeps its own target and learning settings.
+        policy_options: extra constructor arguments of the named policy (e.g. ``rl``'s ``widths``).
         sync_timing: make the stage times exact: synchronise CUDA around each stage, and time the
             engine's own work apart from the task network where the frame runs eagerly (see
             :data:`STAGES`). Costs a little throughput on a GPU; without it ``sparse_overhead`` is not
             reported.
-        **policy_kwargs: passed to the policy's constructor; ``rl`` gets ``output_channels`` from the
-            adapter unless given.
+        **overrides: fields of :class:`BlockCopyConfig` (``block_size=64``, ``target=0.5``, ...).
     """
 
-    def __init__(self, model: nn.Module, block_size: int, policy: str | BlockPolicy = "rl",
-                 target: float = 0.3, adapter: OutputAdapter | None = None, sync_timing: bool = True,
-                 **policy_kwargs) -> None:
-        if adapter is None:
-            raise ValueError("BlockCopy needs an adapter (e.g. CenterNetAdapter) to turn the model's "
-                             "outputs into information gain and policy inputs")
-        self.sparse: BlockSparseModel = model if isinstance(model, BlockSparseModel) else convert(model,
-                                                                                                  block_size)
-        if self.sparse.block_size != block_size:
-            raise ValueError(f"the converted model uses {self.sparse.block_size}-px blocks, not {block_size}")
-        self.block_size = block_size
-        self.adapter = adapter
-        if isinstance(policy, BlockPolicy):
-            if policy_kwargs:
-                raise ValueError("policy_kwargs apply only when the policy is given by name")
-            self.policy = policy
+    def __init__(self, model: nn.Module, adapter: OutputAdapter, config: BlockCopyConfig | None = None, *,
+                 policy: str | BlockPolicy | None = None, policy_options: dict[str, Any] | None = None,
+                 sync_timing: bool = True, **overrides: Any) -> None:
+        super().__init__()
+        if not isinstance(adapter, OutputAdapter):
+            raise TypeError(f"BlockCopy needs an adapter (an OutputAdapter such as CenterNetAdapter) to turn "
+                            f"the model's outputs into information gain and policy inputs, got {adapter!r}")
+        if isinstance(policy, str):  # a name is a config setting like the others
+            overrides["policy"], policy = policy, None
+        config = (config or BlockCopyConfig()).replace(**overrides)
+        if isinstance(model, BlockSparseModel):
+            if model.block_size != config.block_size:
+                raise ConfigError("block_size", config.block_size,
+                                  f"the converted model's block size {model.block_size}")
+            sparse = model
         else:
-            if policy == "rl":
-                policy_kwargs.setdefault("output_channels", adapter.output_channels)
-            self.policy = build_policy(policy, block_size, target, **policy_kwargs)
-        if self.policy.block_size != block_size:
-            raise ValueError(f"the policy uses {self.policy.block_size}-px blocks, not {block_size}")
-        parameter = next(self.sparse.model.parameters(), None)
+            sparse = convert(model, config=config)
+        object.__setattr__(self, "_sparse", sparse)  # not a child: the task model belongs to the caller
+        self.config = config
+        self.adapter = adapter
+        if policy is not None:
+            learned = {"target", "gamma", "cost_momentum", "lr", "weight_decay", "update_interval", "policy"}
+            if policy_options or learned & set(overrides):
+                raise ValueError("policy settings (policy_options, target, gamma, lr, ...) apply only when the "
+                                 "policy is given by name in the config; a policy object keeps its own")
+            if policy.block_size != config.block_size:
+                raise ConfigError("block_size", config.block_size, f"the policy's block size {policy.block_size}")
+        else:
+            policy = policy_from_config(config, adapter.output_channels, **(policy_options or {}))
+        self.policy = policy
+        parameter = next(sparse.parameters(), None)
         if parameter is not None:
             self.policy.to(parameter.device)
+        self.online_learning = config.online_learning
         self.sync_timing = sync_timing
-        self.sparse.time_overhead = sync_timing
+        sparse.time_overhead = sync_timing
         self._policy_macs: dict[tuple, int] = {}
         self.reset()
+        self.reset_statistics()
+
+    @property
+    def sparse(self) -> BlockSparseModel:
+        """The block-sparse task model (shares the caller's modules; see :func:`convert`)."""
+        return self._sparse
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
 
     @property
     def target(self) -> float:
@@ -227,96 +279,154 @@ class BlockCopy:
         self.policy.target = value
 
     @property
+    def online_learning(self) -> bool:
+        """Whether the policy keeps learning (REINFORCE updates) while it runs; independent of
+        ``.train()``/``.eval()``."""
+        return self.policy.training
+
+    @online_learning.setter
+    def online_learning(self, value: bool) -> None:
+        self.policy.train(bool(value))
+
+    def train(self, mode: bool = True) -> "BlockCopy":
+        """Set the module's own mode only: the policy keeps learning or not as :attr:`online_learning`
+        says, whatever mode a framework puts its model in."""
+        self.training = mode
+        return self
+
+    @property
     def statistics(self) -> RunStatistics:
-        """Totals since the last :meth:`reset` or :meth:`reset_statistics`."""
+        """Totals since construction or the last :meth:`reset_statistics` (across clips)."""
         return self._statistics
 
     def reset(self) -> None:
-        """Start a new clip on every stream: the next frame executes all blocks. Learned weights stay."""
-        self.sparse.reset()
+        """Start a new clip on every stream: the next frame executes all blocks. Learned weights and
+        statistics stay."""
+        self._sparse.reset()
         self.policy.reset()
         self._prev_result: Any = None
         self._prev_masks: torch.Tensor | None = None
         self._prev_grid: torch.Tensor | None = None
-        self.reset_statistics()
+        self._selection: _Selection | None = None
 
     def reset_statistics(self) -> None:
         """Restart the counts of :attr:`statistics` without starting a new clip."""
         self._statistics = RunStatistics()
 
-    def train(self, mode: bool = True) -> "BlockCopy":
-        """Let the policy learn online (the default) or, with ``mode=False``, freeze it."""
-        self.policy.train(mode)
-        return self
-
-    def eval(self) -> "BlockCopy":
-        """Freeze the policy: it still selects blocks but no longer learns."""
-        return self.train(False)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The policy's state (for ``rl``: network, optimiser, cost average); the task model is not in it."""
-        return self.policy.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a policy saved with :meth:`state_dict`; call :meth:`reset` before the next clip."""
-        self.policy.load_state_dict(state)
-
-    def __call__(self, frames: torch.Tensor) -> StepResult:
+    def forward(self, frames: torch.Tensor) -> StepResult:
+        """:meth:`step`."""
         return self.step(frames)
 
     def step(self, frames: torch.Tensor) -> StepResult:
-        """Process the next frame of each stream.
+        """Process the next frame of each stream: select, block-sparse model, decode, observe.
 
         Args:
-            frames: (N, 3, H, W) float frames as the model takes them (e.g. RGB 0..255 for CenterNet),
-                H and W multiples of ``block_size``; N constant within a clip.
+            frames: (N, C, H, W) float frames as the model takes them (the adapter's ``input_format``
+                says how they encode RGB), H and W multiples of ``block_size``; N constant within a clip.
 
         Returns:
             The frame's :class:`StepResult`.
         """
+        grid = self.select(frames)
         seconds: dict[str, float] = {}
+        with self._timed("network", seconds, frames.device):
+            outputs = self._sparse(frames, grid)
+        overhead = self._sparse.last_stats.overhead_seconds
+        if overhead is not None:
+            seconds["sparse_overhead"] = overhead
+            seconds["network"] -= overhead
+        with self._timed("postprocess", seconds, frames.device):
+            result = self.adapter.decode(outputs, self._selection.frame_size)
+        return self.observe(result, outputs=outputs, seconds=seconds)
+
+    def select(self, frames: torch.Tensor) -> torch.Tensor:
+        """Choose the blocks to execute on this frame (all of them on a clip's first frame).
+
+        Args:
+            frames: (N, C, H, W) frames as the model takes them; H and W multiples of ``block_size``.
+
+        Returns:
+            (N, 1, H // block_size, W // block_size) bool grid A_t, True = execute.
+
+        Raises:
+            ProtocolError: when the previous ``select`` has not been answered by ``observe``.
+            InvalidInputError: frames of the wrong shape or channel count.
+        """
+        if self._selection is not None:
+            raise ProtocolError("select() was called twice without observe() in between: call observe(result) "
+                                "after running the model on the selected blocks (or reset() to drop the frame)")
+        if frames.dim() != 4:
+            raise InvalidInputError(f"frames must be (N, C, H, W), got shape {tuple(frames.shape)}")
         frame_size = (frames.shape[-2], frames.shape[-1])
-        full_frame = self._prev_result is None
+        seconds: dict[str, float] = {}
         policy_macs = 0
+        full_frame = self._prev_result is None
         if full_frame:
-            grid = self._full_grid(frames)
+            self.adapter.input_format.check(frames)
+            rows, cols = frame_size[0] // self.block_size, frame_size[1] // self.block_size
+            grid = torch.ones(frames.shape[0], 1, rows, cols, dtype=torch.bool, device=frames.device)
         else:
             observation = PolicyObservation(
                 frame=self.adapter.policy_frame(frames),
-                frame_state=self.adapter.policy_frame(self.sparse.frame_state),
+                frame_state=self.adapter.policy_frame(self._sparse.frame_state),
                 prev_output=self._prev_masks,
                 prev_grid=self._prev_grid,
             )
             policy_macs = self._count_policy_macs(observation)
-            with self._timed("policy", seconds, frames):
+            with self._timed("policy", seconds, frames.device):
                 grid = self.policy.select(observation)
-        with self._timed("network", seconds, frames):
-            outputs = self.sparse(frames, grid)
-        frame_stats = self.sparse.last_stats
-        if frame_stats.overhead_seconds is not None:
-            seconds["sparse_overhead"] = frame_stats.overhead_seconds
-            seconds["network"] -= frame_stats.overhead_seconds
-        with self._timed("postprocess", seconds, frames):
-            result = self.adapter.decode(outputs, frame_size)
+        self._selection = _Selection(grid, full_frame, frame_size, policy_macs, seconds, self._sparse.last_stats,
+                                     time.perf_counter())
+        return grid
+
+    def observe(self, result: Any, *, outputs: Any = None, frame_stats: FrameStats | None = None,
+                seconds: dict[str, float] | None = None) -> StepResult:
+        """Feed back the task result of the frame last given to :meth:`select`.
+
+        Computes O_t, the information gain against the previous result (not on a clip's first frame),
+        the policy's rewards (and its weight update every ``update_interval`` frames) and the statistics.
+
+        Args:
+            result: the frame's task result, as the adapter's ``information_gain``/``output_masks`` take it
+                (e.g. per-stream detection dicts).
+            outputs: the model's raw outputs, only passed through to the :class:`StepResult`.
+            frame_stats: the engine's counts for the frame (default: those of ``self.sparse``, which must
+                have run since ``select``).
+            seconds: the caller's own stage times (``network``, ``sparse_overhead``, ``postprocess``); by
+                default the time between ``select`` and ``observe`` counts as ``network``.
+
+        Raises:
+            ProtocolError: without a preceding ``select``, or when the engine did not run since it.
+        """
+        selection = self._selection
+        if selection is None:
+            raise ProtocolError("observe() needs a preceding select(): call grid = select(frames), run the model "
+                                "on the grid, then observe(result)")
+        if frame_stats is None:
+            frame_stats = self._sparse.last_stats
+            if frame_stats is None or frame_stats is selection.engine_stats:
+                raise ProtocolError("observe() found no new run of the block-sparse model since select(): run "
+                                    "self.sparse(frames, grid) (or pass frame_stats=) before observe()")
+        self._selection = None
+        device = selection.grid.device
+        if seconds is None:
+            seconds = {"network": time.perf_counter() - selection.selected_at}
+        seconds = {**selection.seconds, **seconds}
+        frame_size = selection.frame_size
+        with self._timed("postprocess", seconds, device, accumulate=True):
             masks = self.adapter.output_masks(result, frame_size)
         ig_map = block_ig = policy_stats = None
-        if not full_frame:
-            with self._timed("information_gain", seconds, frames):
+        if not selection.full_frame:
+            with self._timed("information_gain", seconds, device):
                 ig_map = self.adapter.information_gain(result, self._prev_result, frame_size)
                 block_ig = pool_to_blocks(ig_map, self._pool_size(ig_map, frame_size))
-            with self._timed("update", seconds, frames):
+            with self._timed("update", seconds, device):
                 policy_stats = self.policy.observe(block_ig)
-        self._prev_result, self._prev_masks, self._prev_grid = result, masks, grid
-        step = StepResult(outputs, result, grid, full_frame, block_ig, ig_map, frame_stats, policy_macs,
-                          policy_stats, seconds)
+        self._prev_result, self._prev_masks, self._prev_grid = result, masks, selection.grid
+        step = StepResult(outputs, result, selection.grid, selection.full_frame, block_ig, ig_map, frame_stats,
+                          selection.policy_macs, policy_stats, seconds)
         self._statistics.add(step)
         return step
-
-    def _full_grid(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.dim() != 4:
-            raise ValueError(f"frames must be (N, C, H, W), got {tuple(frames.shape)}")
-        rows, cols = frames.shape[-2] // self.block_size, frames.shape[-1] // self.block_size
-        return torch.ones(frames.shape[0], 1, rows, cols, dtype=torch.bool, device=frames.device)
 
     def _pool_size(self, ig_map: torch.Tensor, frame_size: tuple[int, int]) -> int:
         """Block side in IG-map cells; checks that the map tiles the frame at an integer stride."""
@@ -345,12 +455,24 @@ class BlockCopy:
         return self._policy_macs[key]
 
     @contextmanager
-    def _timed(self, stage: str, seconds: dict[str, float], frames: torch.Tensor) -> Iterator[None]:
-        sync = self.sync_timing and frames.is_cuda
+    def _timed(self, stage: str, seconds: dict[str, float], device: torch.device,
+               accumulate: bool = False) -> Iterator[None]:
+        sync = self.sync_timing and device.type == "cuda"
         if sync:
-            torch.cuda.synchronize(frames.device)
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         yield
         if sync:
-            torch.cuda.synchronize(frames.device)
-        seconds[stage] = time.perf_counter() - start
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - start
+        seconds[stage] = seconds.get(stage, 0.0) + elapsed if accumulate else elapsed
+
+
+def task_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that belong to no block policy inside it.
+
+    Build a task model's optimiser from these when the model holds a :class:`BlockCopy` (or a policy):
+    ``torch.optim.SGD(task_parameters(model), lr=...)``. The policy trains itself with its own optimiser.
+    """
+    policy_ids = {id(p) for m in module.modules() if isinstance(m, BlockPolicy) for p in m.parameters()}
+    return [p for p in module.parameters() if id(p) not in policy_ids]

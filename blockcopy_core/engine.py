@@ -11,17 +11,17 @@ per-clip state and the per-frame bookkeeping.
 """
 from __future__ import annotations
 
-import copy
-import itertools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.overrides import resolve_name
 from torch.utils import _pytree as pytree
 
 from .activation import SPATIAL, VECTOR, Activation, active_executor, wrap
-from .errors import ControlFlowChangedError, InvalidInputError, UnsupportedOperationError
+from .config import BlockCopyConfig, input_divisibility
+from .errors import ConfigError, ControlFlowChangedError, InvalidInputError, UnsupportedOperationError
 from .graphs import BucketGraphs
 from .grid import FrameGeometry, TileIndex
 from .ops import HANDLERS
@@ -30,6 +30,21 @@ from .tiles import block_tile_map, extract_tiles, scatter_tiles
 from .timing import OverheadTimer
 
 _OP_NAMES: dict = {}
+
+_SHARED_REGISTRIES = ("_parameters", "_buffers", "_non_persistent_buffers_set", "_modules", "_state_dict_hooks",
+                      "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+"""The nn.Module attributes a converted model shares with the original (same dict objects)."""
+
+
+def _check_eval_mode(model: nn.Module) -> None:
+    """Raise naming the first module in training mode: BatchNorm and dropout in training mode mix
+    positions and streams, so block-sparse execution needs ``model.eval()``."""
+    for name, module in model.named_modules():
+        if module.training:
+            path = f"{name} ({type(module).__name__})" if name else f"<model> ({type(module).__name__})"
+            raise UnsupportedOperationError(
+                "training mode", path, "the model is in training mode; call model.eval() before convert() and "
+                "before running it (BatchNorm and dropout in training mode mix positions and streams)")
 
 
 def op_name(func) -> str:
@@ -158,9 +173,14 @@ class BlockSparseModel(nn.Module):
     grid (N, 1, H // block_size, W // block_size) (True = execute) and returns the model's output
     structure with dense tensors, where blocks not executed carry their last computed values.
 
+    The converted model *is* the original module tree (shared parameters, buffers and children; see
+    :func:`convert`); attributes it does not define itself are read from the original model. Frames must
+    be padded to :attr:`size_divisibility`. A block-sparse forward needs eval mode and refuses training
+    mode, naming the module.
+
     On CUDA (with ``cuda_graphs=True``) the number of executed blocks is rounded up to a multiple of
-    1/16 of all N grids' blocks (the method's bucket rule): the extra blocks are drawn at random among
-    the blocks not selected, so the frame costs what its bucket costs and each bucket's forward is
+    1/``buckets`` of all N grids' blocks (the method's bucket rule, 16 buckets): the extra blocks are
+    drawn at random among the blocks not selected, so the frame costs what its bucket costs and each bucket's forward is
     replayed from a CUDA graph; the one host read per frame is the executed-block count.
     ``executed_grid`` is the grid that actually ran. With ``dense_when_full=True`` a frame that executes
     every block runs the model densely (same result, no tile overhead).
@@ -170,34 +190,92 @@ class BlockSparseModel(nn.Module):
     eagerly: always on the CPU, on CUDA only without CUDA graphs (each timed piece then synchronises).
     """
 
-    BUCKETS = 16
-
     def __init__(self, model: nn.Module, block_size: int, *, cuda_graphs: bool = True,
-                 dense_when_full: bool = True):
+                 dense_when_full: bool = True, buckets: int = 16):
         super().__init__()
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-        self.model = copy.deepcopy(model, shared)  # own module tree (for hooks), the same weights
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ConfigError("block_size", block_size, "a positive integer")
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
+            raise ConfigError("buckets", buckets, "a positive integer")
+        if isinstance(model, BlockSparseModel):
+            raise ValueError("the model is already block-sparse (convert() was applied to it before)")
+        _check_eval_mode(model)
+        # Converted in place, as nn.SyncBatchNorm.convert_sync_batchnorm or torch.ao's prepare do: this
+        # module shares the model's registries (the same dict objects), so both see the same parameters,
+        # buffers and children under the same names. state_dict() keys are the model's own, and a cast
+        # through either object (.to(), .half(), .cuda()) moves the one set of tensors both hold.
+        for registry in _SHARED_REGISTRIES:
+            object.__setattr__(self, registry, getattr(model, registry))
+        object.__setattr__(self, "_version", getattr(model, "_version", 1))
+        object.__setattr__(self, "_wrapped", model)
         self.block_size = block_size
         self.cuda_graphs = cuda_graphs
         self.dense_when_full = dense_when_full
+        self.buckets = buckets
         self.time_overhead = False
         self._timer = OverheadTimer()
         self._graphs = BucketGraphs()
         self._module_stack: list[str] = []
-        for name, module in self.model.named_modules():
-            if name:
-                label = f"{name} ({type(module).__name__})"
-                module.register_forward_pre_hook(lambda m, a, label=label: self._enter_module(label))
-                module.register_forward_hook(lambda m, a, o: self._exit_module())
+        self._module_labels: dict[int, str] = {}
         self.reset()
 
-    def _enter_module(self, label: str) -> None:
-        self._module_stack.append(label)
+    @property
+    def training(self) -> bool:
+        """The original model's mode: the two objects are one model, so they share one flag."""
+        wrapped = self.__dict__.get("_wrapped")
+        return self.__dict__.get("_training_before_wrap", True) if wrapped is None else wrapped.training
 
-    def _exit_module(self) -> None:
-        self._module_stack.pop()
+    @training.setter
+    def training(self, mode: bool) -> None:
+        wrapped = self.__dict__.get("_wrapped")
+        if wrapped is None:  # nn.Module.__init__ sets the flag before the model is attached
+            self.__dict__["_training_before_wrap"] = mode
+        else:
+            wrapped.training = mode
+
+    @property
+    def model(self) -> nn.Module:
+        """The original model object; it stays usable as a dense model (its modules are unchanged)."""
+        return self._wrapped
+
+    @property
+    def size_divisibility(self) -> int:
+        """The multiple frames must be padded to: the least common multiple of the block size and the
+        model's own ``size_divisibility`` (Detectron2 backbones declare one; others count as 1)."""
+        return input_divisibility(self.block_size, getattr(self._wrapped, "size_divisibility", 0) or 0)
+
+    def __getattr__(self, name: str):
+        # Attributes this wrapper lacks come from the original model (e.g. Detectron2's output_shape()),
+        # so that the converted model stands in for it.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            wrapped = self.__dict__.get("_wrapped")
+            if wrapped is None or name.startswith("_"):
+                raise
+            return getattr(wrapped, name)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._wrapped._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        self._wrapped._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                            unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # The clip's state (layer maps, outputs, CUDA graphs) holds tensors of the old dtype and device.
+        self.reset()
+        return super()._apply(fn, recurse)
+
+    def _push_module(self, module: nn.Module, args) -> None:
+        label = self._module_labels.get(id(module))
+        if label is not None:
+            self._module_stack.append(label)
+
+    def _pop_module(self, module: nn.Module, args, output) -> None:
+        if id(module) in self._module_labels:
+            self._module_stack.pop()
 
     def reset(self) -> None:
         """Start a new clip: forget all state; the next frame must execute every block."""
@@ -218,6 +296,17 @@ class BlockSparseModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, grid: torch.Tensor):
+        """Run one frame of N streams.
+
+        Args:
+            x: (N, C, H, W) frames as the model takes them, H and W multiples of ``block_size``.
+            grid: (N, 1, H // block_size, W // block_size) bool, True = execute the block.
+
+        Returns:
+            The model's output structure, every feature map dense (N, C, H_l, W_l).
+        """
+        if self.training:
+            _check_eval_mode(self._wrapped)
         geometry = FrameGeometry.of_frame(x, self.block_size)
         geometry.check_grid(grid, x.device)
         first = self._geometry is None
@@ -238,7 +327,7 @@ class BlockSparseModel(nn.Module):
             return self._start_clip(x, geometry)
         selected = executed
         if graphed and executed:
-            quantum = max(total // self.BUCKETS, 1)
+            quantum = max(total // self.buckets, 1)
             executed = min(-(-executed // quantum) * quantum, total)
         if executed == 0:
             macs = 0
@@ -265,6 +354,9 @@ class BlockSparseModel(nn.Module):
     def _start_clip(self, x: torch.Tensor, geometry: FrameGeometry):
         """The first frame: run densely, recording every spatial op's state and the output structure."""
         self.reset()
+        _check_eval_mode(self._wrapped)
+        self._module_labels = {id(module): f"{name} ({type(module).__name__})"
+                               for name, module in self._wrapped.named_modules() if name}
         executor = _FrameExecutor(self, geometry, None, recording=True)
         leaves, self._output_spec = pytree.tree_flatten(self._call_model(executor, wrap(x, SPATIAL)))
         for i, leaf in enumerate(leaves):
@@ -336,16 +428,24 @@ class BlockSparseModel(nn.Module):
         return leaves
 
     def _call_model(self, executor: _FrameExecutor, x: Activation):
+        # Module paths for error messages come from global hooks that exist only during this call, so
+        # the shared modules carry nothing of the engine when the original model runs densely.
         self._module_stack.clear()
-        with active_executor(executor):
-            return self.model(x)
+        enter = register_module_forward_pre_hook(self._push_module)
+        leave = register_module_forward_hook(self._pop_module)
+        try:
+            with active_executor(executor):
+                return self._wrapped(x)
+        finally:
+            enter.remove()
+            leave.remove()
 
     def _current_outputs(self):
         return pytree.tree_unflatten([buffer.clone() for buffer in self._outputs], self._output_spec)
 
     def _check_output_leaf(self, i: int, leaf, geometry: FrameGeometry, dense: bool) -> None:
         if not isinstance(leaf, Activation) or leaf.bc_role != SPATIAL or leaf.bc_halo is not None \
-                or leaf.dim() != 4:
+                or leaf.dim() != 4 or leaf.bc_spatial_dims != (-2, -1):
             raise UnsupportedOperationError(
                 "output", "<model>", f"output #{i} is not a (N, C, H, W) feature map computed from the frame "
                                      f"({type(leaf).__name__}); block-sparse models must return feature maps")
@@ -367,11 +467,36 @@ class BlockSparseModel(nn.Module):
                                  "every layer's stride")
 
 
-def convert(model: nn.Module, block_size: int, **options) -> BlockSparseModel:
-    """Wrap ``model`` for block-sparse execution with square blocks of ``block_size`` pixels.
+def convert(model: nn.Module, block_size: int | None = None, *, config: BlockCopyConfig | None = None,
+            **options) -> BlockSparseModel:
+    """Make ``model`` run block-sparse with square blocks of ``block_size`` pixels, in place.
 
-    The returned module shares ``model``'s parameters and buffers (no copy of the weights). Put the model
-    in eval mode: BatchNorm and dropout in training mode cannot run block-sparse. ``options`` are those
-    of :class:`BlockSparseModel` (``cuda_graphs``, ``dense_when_full``).
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``, the result uses the *same* module objects, parameters
+    and buffers as ``model`` (nothing is copied): its ``state_dict()`` has exactly ``model``'s keys, so a
+    checkpoint of the plain model loads into it with ``strict=True`` and the other way round, and
+    ``.to()``, ``.half()``, ``.cuda()`` on either object change the one model both hold. ``model`` itself
+    stays usable as the ordinary dense model: convert installs nothing on its modules.
+
+    Args:
+        model: the task network in eval mode (``model.eval()``).
+        block_size: block side in pixels; give either it or ``config``.
+        config: a :class:`BlockCopyConfig` (block size, buckets, CUDA graphs, dense-when-full).
+        **options: ``cuda_graphs``, ``dense_when_full``, ``buckets`` (see :class:`BlockSparseModel`),
+            only with ``block_size``.
+
+    Raises:
+        UnsupportedOperationError: when a module of ``model`` is in training mode.
+        ConfigError: when ``block_size`` is not a multiple of the model's declared ``size_divisibility``.
     """
+    if (block_size is None) == (config is None):
+        raise TypeError("convert() takes either block_size or config, not both or neither")
+    if config is not None:
+        if options:
+            raise TypeError(f"convert() takes the options {sorted(options)} from config, not as arguments")
+        block_size, options = config.block_size, config.engine_options()
+    divisibility = getattr(model, "size_divisibility", 0)
+    if isinstance(divisibility, int) and divisibility > 0 and isinstance(block_size, int) \
+            and block_size % divisibility:
+        raise ConfigError("block_size", block_size,
+                          f"a multiple of the model's largest stride {divisibility} (its size_divisibility)")
     return BlockSparseModel(model, block_size, **options)

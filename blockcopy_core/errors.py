@@ -20,3 +20,16 @@ class ControlFlowChangedError(BlockCopyError):
 
 class InvalidInputError(BlockCopyError, ValueError):
     """A frame or execution grid that does not fit the clip (shape, dtype, values)."""
+
+
+class ConfigError(BlockCopyError, ValueError):
+    """A BlockCopy setting out of range; names the setting, the value given and what it must be."""
+
+    def __init__(self, name: str, value, expected: str):
+        self.name = name
+        self.value = value
+        super().__init__(f"blockcopy setting '{name}' = {value!r} is invalid: it must be {expected}")
+
+
+class ProtocolError(BlockCopyError):
+    """BlockCopy's calls came in the wrong order (e.g. ``observe`` without a preceding ``select``)."""

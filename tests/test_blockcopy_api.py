@@ -14,6 +14,7 @@ from torch import nn
 from blockcopy_core.adapters import CenterNetAdapter, SemanticSegmentationAdapter, paint_class_masks
 from blockcopy_core.blockcopy import STAGES, BlockCopy
 from blockcopy_core.engine import convert
+from blockcopy_core.errors import ConfigError
 from blockcopy_core.information_gain import box_information_gain, pool_to_blocks, semantic_information_gain
 from blockcopy_core.macs import count_macs
 from blockcopy_core.policy import RandomPolicy, blocks_for_target
@@ -72,10 +73,10 @@ def adapter() -> CenterNetAdapter:
     return CenterNetAdapter(classes=(0, 1), score_threshold=0.5)
 
 
-def blockcopy(policy="rl", target=0.3, block_size=32, **kwargs) -> BlockCopy:
-    if policy == "rl":
-        kwargs = {**SMALL_POLICY, **kwargs}
-    return BlockCopy(tiny_model(), block_size, policy=policy, target=target, adapter=adapter(), **kwargs)
+def blockcopy(policy="rl", target=0.3, block_size=32, **settings) -> BlockCopy:
+    options = SMALL_POLICY if policy == "rl" else None
+    return BlockCopy(tiny_model(), adapter(), block_size=block_size, policy=policy, target=target,
+                     policy_options=options, **settings)
 
 
 @pytest.mark.parametrize("block_size", [32, 64])
@@ -132,6 +133,9 @@ def test_statistics_are_sensible():
     assert bc.statistics.frames == 0
     bc.step(frames[0])
     assert bc.statistics.full_frames == 0, "reset_statistics keeps the clip going"
+    bc.reset()
+    bc.step(frames[0])
+    assert (bc.statistics.frames, bc.statistics.full_frames) == (2, 1), "a new clip keeps counting"
 
 
 def test_target_is_settable_while_running():
@@ -177,7 +181,7 @@ def test_residual_policy_follows_the_moving_square():
 
 def test_state_dict_round_trip_resumes_identically():
     frames = clip(9, seed=3)
-    trained = blockcopy(update_every=2, lr=1e-2)
+    trained = blockcopy(update_interval=2, lr=1e-2)
     for frame in frames[:5]:
         step = trained.step(frame)
     assert bool(step.policy_stats["updated"]), "save right after an update: nothing pending is lost"
@@ -185,11 +189,11 @@ def test_state_dict_round_trip_resumes_identically():
     torch.save(trained.state_dict(), buffer)
 
     torch.manual_seed(123)
-    resumed = blockcopy(update_every=2, lr=1e-2)
+    resumed = blockcopy(update_interval=2, lr=1e-2)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer))
     assert any(not torch.equal(a, b) for a, b in zip(resumed.policy.net.parameters(),
-                                                     blockcopy(**SMALL_POLICY).policy.net.parameters()))
+                                                     blockcopy().policy.net.parameters()))
 
     def run(bc):
         bc.reset()
@@ -206,26 +210,35 @@ def test_state_dict_round_trip_resumes_identically():
         assert torch.equal(a, b)
 
 
-def test_frozen_policy_does_not_learn():
-    bc = blockcopy(update_every=1, lr=1e-2).eval()
+def test_online_learning_is_its_own_switch():
+    """eval() (what frameworks call before testing) leaves the policy learning; online_learning=False
+    freezes it."""
+    bc = blockcopy(update_interval=1, lr=1e-2).eval()
+    assert bc.online_learning and bc.policy.training and not bc.training
+    before = [p.detach().clone() for p in bc.policy.net.parameters()]
+    for frame in clip(3):
+        bc.step(frame)
+    assert any(not torch.equal(a, b) for a, b in zip(before, bc.policy.net.parameters())), "learns in eval()"
+    bc.online_learning = False
+    bc.train()
+    assert bc.training and not bc.policy.training
     before = [p.detach().clone() for p in bc.policy.net.parameters()]
     for frame in clip(4):
         bc.step(frame)
     assert all(torch.equal(a, b) for a, b in zip(before, bc.policy.net.parameters()))
-    bc.train()
-    assert bc.policy.training
+    assert not blockcopy(online_learning=False).online_learning
 
 
 def test_policy_object_and_argument_errors():
     policy = RandomPolicy(32, 0.4)
-    bc = BlockCopy(tiny_model(), 32, policy=policy, adapter=adapter())
+    bc = BlockCopy(tiny_model(), adapter(), block_size=32, policy=policy)
     assert bc.policy is policy and bc.target == 0.4
-    with pytest.raises(ValueError, match="adapter"):
-        BlockCopy(tiny_model(), 32, policy="random")
-    with pytest.raises(ValueError, match="policy_kwargs"):
-        BlockCopy(tiny_model(), 32, policy=policy, adapter=adapter(), gamma=1.0)
-    with pytest.raises(ValueError, match="32-px"):
-        BlockCopy(tiny_model(), 64, policy=policy, adapter=adapter())
+    with pytest.raises(TypeError, match="adapter"):
+        BlockCopy(tiny_model(), None, block_size=32)
+    with pytest.raises(ValueError, match="policy settings"):
+        BlockCopy(tiny_model(), adapter(), block_size=32, policy=policy, gamma=1.0)
+    with pytest.raises(ConfigError, match="block_size.*policy's block size 32"):
+        BlockCopy(tiny_model(), adapter(), block_size=64, policy=policy)
 
 
 def fake_detections(seed: int, count: int = 6) -> list[dict[str, torch.Tensor]]:
@@ -301,7 +314,7 @@ def test_semantic_segmentation_adapter_in_the_loop():
     torch.manual_seed(2)
     segmenter = TinySegmenter().eval()
     seg = SemanticSegmentationAdapter(num_classes=5)
-    bc = BlockCopy(segmenter, 32, policy="rl", target=0.5, adapter=seg, **SMALL_POLICY)
+    bc = BlockCopy(segmenter, seg, block_size=32, policy="rl", target=0.5, policy_options=SMALL_POLICY)
     frames = clip(3, scale=1.0)
     first = bc.step(frames[0])
     second = bc.step(frames[1])
@@ -320,7 +333,8 @@ def test_semantic_segmentation_adapter_in_the_loop():
 def test_cuda_run_matches_the_cpu_engine_on_the_blocks_it_executed():
     """The whole loop on CUDA (policy, CUDA-graph buckets, IG, update) against the CPU reference engine
     fed the same frames and the grids that actually ran on the GPU (bucket extras included)."""
-    gpu = BlockCopy(tiny_model().cuda(), 32, policy="rl", target=0.3, adapter=adapter(), **SMALL_POLICY)
+    gpu = BlockCopy(tiny_model().cuda(), adapter(), block_size=32, policy="rl", target=0.3,
+                    policy_options=SMALL_POLICY)
     cpu = convert(tiny_model(), 32)
     for number, frame in enumerate(clip(8)):
         step = gpu.step(frame.cuda())

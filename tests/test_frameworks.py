@@ -96,3 +96,27 @@ def test_mmdetection_resnet50_fpn():
     pytest.importorskip("mmdet")
     from mmcv.cnn import ConvModule  # noqa: F401  (mmcv with its ops must import)
     check_against_oracle_and_dense(randomize_norms(MMDetResNetFPN(), nn.BatchNorm2d))
+
+
+def test_detectron2_backbone_converted_cast_and_checkpointed():
+    """What a Detectron2 plugin does first: build, convert, move (FrozenBatchNorm2d's weight and bias are
+    buffers), then load the checkpoint of the plain backbone through Detectron2's own checkpointer."""
+    pytest.importorskip("detectron2")
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    plain = Detectron2SemanticFPN().eval().backbone
+    backbone = Detectron2SemanticFPN().eval().backbone
+    sparse = bc.convert(backbone, 64)
+    assert sparse.size_divisibility == 64 and sparse.output_shape() == plain.output_shape()
+    assert list(sparse.state_dict()) == list(plain.state_dict())
+    sparse.double()
+    assert all(t.dtype == torch.float64 for t in [*backbone.parameters(), *backbone.buffers()])
+    state = {key: value.double() for key, value in plain.state_dict().items()}
+    incompatible = DetectionCheckpointer(sparse)._load_model({"model": state, "__author__": "test"})
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    x = torch.randn(1, 3, 128, 192, dtype=torch.float64)
+    expected = plain.double()(x)
+    full = torch.ones(1, 1, 2, 3, dtype=torch.bool)
+    for outputs in (backbone(x), sparse(x, full)):  # the original stays the dense model
+        for name in expected:
+            torch.testing.assert_close(outputs[name], expected[name], rtol=1e-10, atol=1e-10)

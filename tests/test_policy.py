@@ -154,7 +154,7 @@ def test_every_policy_selects_a_bool_grid_per_stream(name):
 
 
 def test_build_policy_and_target_validation():
-    with pytest.raises(ValueError, match="unknown policy"):
+    with pytest.raises(ValueError, match="registered policies"):
         build_policy("oracle", 32, 0.5)
     with pytest.raises(TypeError):
         build_policy("rl", 32, 0.5)

@@ -36,7 +36,6 @@ from pathlib import Path
 import cv2
 import matplotlib
 import torch
-from tqdm import tqdm
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
@@ -49,12 +48,10 @@ from blockcopy_core.adapters import CenterNetAdapter  # noqa: E402
 from blockcopy_core.blockcopy import BlockCopy, RunStatistics, StepResult  # noqa: E402
 from blockcopy_core.data import (VideoReader, VideoWriter, boxes_for_frames, load_mot_ground_truth,  # noqa: E402
                                  load_mot_ignore_boxes, pets09_s2l1_paths)
-from blockcopy_core.engine import FrameStats  # noqa: E402
 from blockcopy_core.evaluation import (average_precision_50, detection_agreement,  # noqa: E402
                                        log_average_miss_rate)
-from blockcopy_core.graphs import graphed  # noqa: E402
-from blockcopy_core.macs import count_macs  # noqa: E402
 from blockcopy_core.models.centernet import PERSON_CLASS, load_centernet  # noqa: E402
+from blockcopy_core.protocol import DenseRunner, run_clips, warm_up  # noqa: E402
 from blockcopy_core.visualize import blockcopy_mosaic  # noqa: E402
 
 BLOCK_SIZE = 64
@@ -104,54 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class DenseRunner:
-    """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface.
-
-    On CUDA the model runs as one CUDA graph, as the block-sparse runs do, so that their times compare.
-    """
-
-    def __init__(self, model: torch.nn.Module, adapter: CenterNetAdapter, block_size: int) -> None:
-        self.model = model
-        self.adapter = adapter
-        self.block_size = block_size
-        self._macs: int | None = None
-        self._forward = None
-        self.reset_statistics()
-
-    def reset_statistics(self) -> None:
-        self.statistics = RunStatistics()
-
-    @torch.no_grad()
-    def step(self, frames: torch.Tensor) -> StepResult:
-        """One (N, 3, H, W) frame through the model; the result mimics a BlockCopy full frame."""
-        size = (frames.shape[-2], frames.shape[-1])
-        if self._forward is None:
-            self._macs = count_macs(self.model, frames)
-            self._forward = graphed(self.model, frames) if frames.is_cuda else self.model
-        synchronize(frames)
-        start = time.perf_counter()
-        outputs = self._forward(frames)
-        synchronize(frames)
-        network = time.perf_counter() - start
-        result = self.adapter.decode(outputs, size)
-        synchronize(frames)
-        seconds = {"network": network, "sparse_overhead": 0.0,
-                   "postprocess": time.perf_counter() - start - network}
-        blocks = frames.shape[0] * (size[0] // self.block_size) * (size[1] // self.block_size)
-        grid = torch.ones(frames.shape[0], 1, size[0] // self.block_size, size[1] // self.block_size,
-                          dtype=torch.bool)
-        step = StepResult(outputs, result, grid, True, None, None, FrameStats(blocks, blocks, self._macs), 0,
-                          None, seconds)
-        self.statistics.add(step)
-        return step
-
-
-def synchronize(frames: torch.Tensor) -> None:
-    """Wait for the GPU (so that stage times are exact); nothing on the CPU."""
-    if frames.is_cuda:
-        torch.cuda.synchronize(frames.device)
-
-
 def person_detections(step: StepResult) -> dict[str, torch.Tensor]:
     """Stream 0's person detections on the CPU: boxes (K, 4) x1y1x2y2, scores (K,)."""
     dets = step.result[0]
@@ -161,27 +110,32 @@ def person_detections(step: StepResult) -> dict[str, torch.Tensor]:
 
 def run_one(method: str, tau: float | None, model, adapter, video: Path, args, num_frames: int,
             ground_truth: dict, vis: bool) -> dict:
-    """Run one method over frames 1..num_frames; return its statistics and post-warm-up detections."""
+    """Run one method over frames 1..num_frames as one clip; return its statistics and post-warm-up
+    detections."""
     torch.manual_seed(args.seed)
     if method == "dense":
         runner = DenseRunner(model, adapter, BLOCK_SIZE)
     else:
-        runner = BlockCopy(model, BLOCK_SIZE, policy=method, target=tau, adapter=adapter)
+        runner = BlockCopy(model, adapter, block_size=BLOCK_SIZE, policy=method, target=tau)
     label = "dense" if tau is None else f"{method} tau={tau:g}"
+    prepare = lambda frame: frame[None].to(args.device, torch.float32)  # noqa: E731  (one stream)
     if method == "rl" and args.pretrain_epochs:
-        pretrain(runner, video, args, label)
+        frames = list(VideoReader(video, 0, args.warmup, as_tensor=True))
+        clips = [frames[start:start + args.pretrain_clip] for start in range(0, len(frames), args.pretrain_clip)]
+        warm_up(runner, clips, args.pretrain_epochs * len(clips), seed=args.seed, prepare=prepare,
+                desc=f"{label} pre-training")
     detections, warmup_stats, writer, still = [], None, None, None
     if vis:
         writer = VideoWriter(args.output_dir / f"blockcopy_{method}_tau{tau:g}.mp4", fps=7.0)
     start = time.perf_counter()
-    reader = VideoReader(video, 0, num_frames, as_tensor=True)
-    for number, frame in enumerate(tqdm(reader, desc=label, unit="frame", dynamic_ncols=True), start=1):
-        if number == args.warmup + 1:
-            warmup_stats = runner.statistics
-            runner.reset_statistics()
-        step = runner.step(frame[None].to(args.device, torch.float32))
+    video_clip = VideoReader(video, 0, num_frames, as_tensor=True)
+    for _, index, frame, step in run_clips(runner, [video_clip], prepare=prepare, desc=label, total=num_frames):
+        number = index + 1
         if number > args.warmup:
             detections.append(person_detections(step))
+        elif number == args.warmup:
+            warmup_stats = runner.statistics
+            runner.reset_statistics()
         if writer is not None and args.vis_range[0] <= number <= args.vis_range[1]:
             mosaic = visualise(step, frame, runner.sparse.frame_state[0], runner.sparse.executed_grid[0, 0],
                                ground_truth.get(number), number, label)
@@ -194,27 +148,9 @@ def run_one(method: str, tau: float | None, model, adapter, video: Path, args, n
             cv2.imwrite(str(args.output_dir / f"blockcopy_{method}_tau{tau:g}_frame.png"),
                         cv2.cvtColor(still, cv2.COLOR_RGB2BGR))
     if method == "rl":
-        torch.save(runner.state_dict(), args.output_dir / f"policy_rl_tau{tau:g}.pt")
+        torch.save(runner.policy.state_dict(), args.output_dir / f"policy_rl_tau{tau:g}.pt")
     return {"method": method, "tau": tau, "statistics": runner.statistics, "warmup_statistics": warmup_stats,
             "detections": detections, "wall_seconds": time.perf_counter() - start}
-
-
-def pretrain(runner: BlockCopy, video: Path, args, label: str) -> None:
-    """Train the policy on the warm-up frames only: ``args.pretrain_epochs`` passes over clips of
-    ``args.pretrain_clip`` frames in random order, each clip starting with a full execution (the
-    paper's offline training on training clips, before the online run)."""
-    frames = list(VideoReader(video, 0, args.warmup, as_tensor=True))
-    starts = list(range(0, len(frames), args.pretrain_clip))
-    generator = torch.Generator().manual_seed(args.seed)
-    with tqdm(total=args.pretrain_epochs * len(frames), desc=f"{label} pre-training", unit="frame",
-              dynamic_ncols=True) as progress:
-        for _ in range(args.pretrain_epochs):
-            for index in torch.randperm(len(starts), generator=generator).tolist():
-                runner.reset()
-                for frame in frames[starts[index]:starts[index] + args.pretrain_clip]:
-                    runner.step(frame[None].to(args.device, torch.float32))
-                    progress.update()
-    runner.reset()
 
 
 def visualise(step: StepResult, frame: torch.Tensor, frame_state: torch.Tensor, executed: torch.Tensor,

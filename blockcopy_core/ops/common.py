@@ -5,7 +5,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..activation import SPATIAL, VECTOR, Activation, activations_in, unwrap, wrap
+from ..activation import SPATIAL, STANDARD_DIMS, VECTOR, Activation, activations_in, spatial_dims, unwrap, wrap
 
 REQUIRED = object()
 
@@ -34,12 +34,12 @@ def call(func, args, kwargs):
     return func(*unwrap(tuple(args)), **unwrap(kwargs))
 
 
-def wrap_result(result, role: str, halo=None):
-    """Wrap every tensor in an op's result as an Activation of ``role``."""
+def wrap_result(result, role: str, halo=None, layout: tuple[int, int] = STANDARD_DIMS):
+    """Wrap every tensor in an op's result as an Activation of ``role`` (``layout``: its spatial dims)."""
     if isinstance(result, torch.Tensor):
-        return wrap(result, role, halo)
+        return wrap(result, role, halo, layout)
     if isinstance(result, (list, tuple)) and not hasattr(result, "_fields"):
-        return type(result)(wrap_result(r, role, halo) for r in result)
+        return type(result)(wrap_result(r, role, halo, layout) for r in result)
     return result
 
 
@@ -50,6 +50,19 @@ def spatial_args(args, kwargs) -> list[Activation]:
 def result_role(args, kwargs) -> str:
     """An op result is spatial when any activation input is, else a per-stream vector."""
     return SPATIAL if spatial_args(args, kwargs) else VECTOR
+
+
+def position_dims(x: Activation) -> set[int]:
+    """The dims of ``x`` that index blocks or positions: batch and (for feature maps) H and W."""
+    return {0, *spatial_dims(x)} if x.bc_role == SPATIAL else {0}
+
+
+def require_standard_layout(ex, name: str, x: Activation) -> None:
+    """Ops with spatial extent cut and pad tiles in the last two dims: they need (..., H, W) maps."""
+    if x.bc_role == SPATIAL and x.bc_spatial_dims != STANDARD_DIMS:
+        ex.unsupported(name, f"it needs a (N, C, H, W) feature map, but its {tuple(x.shape)} input has its "
+                             f"H and W in dims {spatial_dims(x)} (e.g. channels-last after a permute); "
+                             "permute it back first")
 
 
 def normalize_dims(dims, ndim: int) -> tuple[int, ...]:

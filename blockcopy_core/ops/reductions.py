@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from ..activation import SPATIAL, VECTOR, wrap
-from .common import bind, call, normalize_dims
+from ..activation import SPATIAL, VECTOR, spatial_dims, wrap
+from .common import bind, call, normalize_dims, position_dims, require_standard_layout
 from .pointwise import channel_op, elementwise
 
 
@@ -12,6 +12,7 @@ def _dense_input(ex, name, x):
     """The dense (N, C, H_l, W_l) map behind ``x``: the map itself on a dense frame, else its state."""
     if x.bc_halo is not None:
         ex.unsupported(name, "it follows F.pad; only a convolution or pooling may consume a padded map")
+    require_standard_layout(ex, name, x)
     site = ex.site(name)
     if ex.dense_phase:
         site.store(x)
@@ -30,9 +31,9 @@ def mean(ex, name, func, args, kwargs):
     if x.bc_role != SPATIAL:
         return elementwise(ex, name, func, args, kwargs)
     dims = normalize_dims(dim, x.dim())
-    if dims == (1,):
+    if not set(dims) & position_dims(x):
         return channel_op(ex, name, func, args, kwargs)
-    if dims != (x.dim() - 2, x.dim() - 1):
+    if dims != spatial_dims(x):
         ex.unsupported(name, f"a mean over dims {dims} mixes blocks; only a global mean over (H, W) or a "
                              "mean over channels is supported")
     return _global(ex, name, x, lambda d: d.mean(dim=(-2, -1), keepdim=keepdim))
@@ -60,11 +61,12 @@ def group_norm(ex, name, func, args, kwargs):
     if ex.dense_phase:
         return wrap(call(func, args, kwargs), SPATIAL)
     n, c = dense.shape[:2]
-    var, mu = torch.var_mean(dense.reshape(n, groups, -1).float(), dim=-1, unbiased=False)  # (N, G)
+    compute = torch.promote_types(dense.dtype, torch.float32)  # fp16/bf16 statistics in fp32, fp64 in fp64
+    var, mu = torch.var_mean(dense.reshape(n, groups, -1).to(compute), dim=-1, unbiased=False)  # (N, G)
     inv_std = torch.rsqrt(var + eps)
     tiles = x.as_subclass(torch.Tensor)
     k, _, th, tw = tiles.shape
-    grouped = tiles.reshape(k, groups, -1).float()
+    grouped = tiles.reshape(k, groups, -1).to(compute)
     stream = ex.index.stream
     out = ((grouped - mu[stream, :, None]) * inv_std[stream, :, None]).reshape(k, c, th, tw).to(tiles.dtype)
     if weight is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..activation import SPATIAL, VECTOR, wrap
 from ..macs import conv_macs, conv_transpose_macs
-from .common import bind, call, pair
+from .common import bind, call, pair, require_standard_layout
 
 Halo = tuple[int, int, int, int]  # left, right, top, bottom
 
@@ -46,6 +46,7 @@ def _window_halo(kernel, stride, dilation, padding) -> Halo:
 def _run_window(ex, name, x, run_dense, run_tiles, kernel, stride, dilation, padding,
                 border="constant", value=0.0):
     """Run a conv/pool-like op on ``x`` (dense map or tiles); ``run_tiles`` gets zero-padding input."""
+    require_standard_layout(ex, name, x)
     if x.bc_halo is not None:  # grown by F.pad: the op itself must not pad again
         if any(p for pp in padding for p in pp):
             ex.unsupported(name, "it pads a map that F.pad already padded")
@@ -90,6 +91,7 @@ def conv_transpose2d(ex, name, func, args, kwargs):
         [None, None, None, 1, 0, 0, 1, 1])
     if x.bc_role != SPATIAL or x.bc_halo is not None:
         ex.unsupported(name, "transposed convolution needs an unpadded feature map")
+    require_standard_layout(ex, name, x)
     kernel, stride, padding, dilation = tuple(weight.shape[-2:]), pair(stride), pair(padding), pair(dilation)
     if ex.dense_phase:
         out = call(func, args, kwargs)
@@ -132,6 +134,15 @@ def max_pool2d(ex, name, func, args, kwargs):
     return wrap(out, SPATIAL)
 
 
+def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """Output length of a pooling window (torch's rule: a ceil_mode window must start inside the input
+    or its leading padding)."""
+    out = (size + 2 * padding - kernel + (stride - 1 if ceil_mode else 0)) // stride + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
+        out -= 1
+    return out
+
+
 def avg_pool2d(ex, name, func, args, kwargs):
     x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override = bind(
         args, kwargs, ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
@@ -139,8 +150,17 @@ def avg_pool2d(ex, name, func, args, kwargs):
     kernel = pair(kernel)
     stride = pair(stride) if stride not in (None, []) else kernel
     pads = _dense_padding(padding, kernel, (1, 1))
-    if ceil_mode:
-        ex.unsupported(name, "ceil_mode average pooling has partial windows inside the image")
+    if ceil_mode and ex.dense_phase:
+        # Windows are whole (and count_include_pad moot without padding) unless ceil_mode adds a last
+        # one that hangs over the bottom/right border, averaged over the pixels it covers there only.
+        size = tuple(x.shape[-2:])
+        floor, ceil = ([_pooled_size(n, k, s, p, c) for n, k, s, (p, _) in zip(size, kernel, stride, pads)]
+                       for c in (False, True))
+        if floor != ceil:
+            ex.unsupported(name, f"ceil_mode=True pools the {size[0]}x{size[1]} map to {ceil[0]}x{ceil[1]} "
+                                 f"instead of {floor[0]}x{floor[1]}: its last window overhangs the border and "
+                                 "averages fewer pixels there than a tile's halo holds; only ceil_mode that "
+                                 "leaves the output size unchanged is supported")
     if not count_include_pad and any(p for pp in pads for p in pp):
         ex.unsupported(name, "count_include_pad=False divides by a border-dependent count")
     out = _run_window(ex, name, x, lambda: call(func, args, kwargs),
@@ -156,6 +176,7 @@ def pad(ex, name, func, args, kwargs):
         ex.unsupported(name, f"padding {tuple(pads)} of a {'padded ' if x.bc_halo else ''}map; only "
                              "non-negative (left, right, top, bottom) padding of a feature map before a "
                              "convolution or pooling is supported")
+    require_standard_layout(ex, name, x)
     if ex.dense_phase:
         ex.site(name).store(x)
         return wrap(call(func, args, kwargs), SPATIAL, pads)
@@ -166,6 +187,7 @@ def pad(ex, name, func, args, kwargs):
 
 def _upsample(ex, name, x, run_dense, run, factor, halo_px: Halo, border="replicate"):
     """Upsample tiles by an integer ``factor``: ``run`` on the tile grown by ``halo_px``, then crop."""
+    require_standard_layout(ex, name, x)
     if ex.dense_phase:
         out = run_dense()
         ex.check_scaled(name, x, out, up=(factor, factor))
@@ -198,12 +220,30 @@ def _integer_factor(ex, name, x, size, scale_factor) -> int:
 _RESIZE_HALO = {"nearest": 0, "nearest-exact": 0, "bilinear": 1, "bicubic": 2}
 
 
+def _broadcast_vector(ex, name, func, args, kwargs, x, size):
+    """Resizing a pooled (N, C, 1, 1) vector to a map's ``size`` repeats it at every position, whatever
+    the mode (e.g. DeepLabV3's ASPP pooling branch): (N, C, H_l, W_l) on dense frames; on tiles ``size``
+    is the tile's, and each (C, T_l, T_l) tile gets its own stream's vector."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != (1, 1) or size is None:
+        ex.unsupported(name, f"it resizes a per-stream vector of shape {tuple(x.shape)}; only a pooled "
+                             "(N, C, 1, 1) vector resized to a feature map's size (size=x.shape[-2:]) is "
+                             "supported")
+    size = pair(size)
+    ex.engine._check_stride(name, ex.module_path, size, ex.geometry, ex.dense_phase)
+    if ex.dense_phase:
+        return wrap(call(func, args, kwargs), SPATIAL)
+    vectors = x.as_subclass(torch.Tensor)[ex.index.stream]  # (K, C, 1, 1)
+    return wrap(vectors.expand(-1, -1, *size).contiguous(), SPATIAL)
+
+
 def interpolate(ex, name, func, args, kwargs):
     x, size, scale_factor, mode, align_corners, _, antialias = bind(
         args, kwargs, ["input", "size", "scale_factor", "mode", "align_corners", "recompute_scale_factor",
                        "antialias"], [None, None, None, "nearest", None, None, False])
-    if x.bc_role != SPATIAL or x.bc_halo is not None:
-        ex.unsupported(name, "it resizes a padded map or a per-stream vector")
+    if x.bc_role == VECTOR:
+        return _broadcast_vector(ex, name, func, args, kwargs, x, size)
+    if x.bc_halo is not None:
+        ex.unsupported(name, "it resizes a padded map")
     if mode not in _RESIZE_HALO or align_corners or antialias:
         ex.unsupported(name, f"mode={mode!r}, align_corners={align_corners}, antialias={antialias}: only "
                              "nearest, bilinear and bicubic upsampling with align_corners=False are "

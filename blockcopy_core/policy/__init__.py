@@ -1,7 +1,7 @@
 """Block policies: which blocks of a frame the task network executes (method.md §2 and §4)."""
 from .base import BlockPolicy
 from .baselines import AllPolicy, LowFpsPolicy, NonePolicy, RandomPolicy, ResidualPolicy, blocks_for_target
-from .factory import POLICIES, build_policy
+from .factory import POLICIES, build_policy, policy_from_config, register_policy
 from .network import PolicyNet
 from .observation import PolicyObservation, block_grid_shape
 from .reinforce import (
@@ -30,6 +30,8 @@ __all__ = [
     "block_rewards",
     "blocks_for_target",
     "build_policy",
+    "policy_from_config",
+    "register_policy",
     "reinforce_loss",
     "update_cost_average",
 ]

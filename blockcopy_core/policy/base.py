@@ -37,6 +37,12 @@ class BlockPolicy(nn.Module):
         self.target = target
         self._last_grid: torch.Tensor | None = None
 
+    @classmethod
+    def config_settings(cls, config, output_channels: int) -> dict:
+        """Constructor arguments beyond block size and target taken from a
+        :class:`~blockcopy_core.config.BlockCopyConfig` (none for fixed policies)."""
+        return {}
+
     @property
     def target(self) -> float:
         """tau, the target fraction of executed blocks."""

@@ -121,6 +121,12 @@ class ReinforcePolicy(BlockPolicy):
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._loss_terms: list[torch.Tensor] = []
 
+    @classmethod
+    def config_settings(cls, config, output_channels: int) -> dict:
+        """C_out, and the learning settings of the config (lr, weight decay, gamma, mu, update interval)."""
+        return {"output_channels": output_channels, "lr": config.lr, "weight_decay": config.weight_decay,
+                "gamma": config.gamma, "mu": config.cost_momentum, "update_every": config.update_interval}
+
     @contextmanager
     def _autograd(self) -> Iterator[None]:
         """Autograd on while training, whatever the caller's grad or inference mode; off in eval mode."""

@@ -1,0 +1,148 @@
+"""The evaluation protocol of BlockCopy on video, shared by the main job and the framework plugins.
+
+* :class:`DenseRunner`: the unchanged model on every full frame, with BlockCopy's ``step`` /
+  ``statistics`` interface: the reference every block-sparse run is compared with.
+* :func:`run_clips`: frames of clips through a runner, each clip starting with a full frame, with a
+  progress bar; yields every step so the caller can score it.
+* :func:`warm_up`: the policy's training before evaluation (method.md section 4: the policy is first
+  trained on training clips, then keeps learning online): a number of clips drawn in epochs of random
+  order.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
+
+import torch
+from tqdm import tqdm
+
+from .adapters import OutputAdapter
+from .blockcopy import RunStatistics, StepResult
+from .engine import FrameStats
+from .graphs import graphed
+from .macs import count_macs
+
+Prepare = Callable[[torch.Tensor], torch.Tensor]
+"""Turns a frame as the clip holds it into the runner's input (e.g. add the stream axis, move to the GPU)."""
+
+
+class Runner(Protocol):
+    """What the protocol drives: :class:`~blockcopy_core.BlockCopy` or :class:`DenseRunner`."""
+
+    statistics: RunStatistics
+
+    def step(self, frames: torch.Tensor) -> StepResult: ...
+
+    def reset(self) -> None: ...
+
+    def reset_statistics(self) -> None: ...
+
+
+class DenseRunner:
+    """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface.
+
+    On CUDA the model runs as one CUDA graph, as the block-sparse runs do, so that their times compare.
+
+    Args:
+        model: the task network (eval mode).
+        adapter: decodes the model's outputs into results.
+        block_size: block side in pixels (for the block counts of the statistics).
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter: OutputAdapter, block_size: int) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.block_size = block_size
+        self._macs: int | None = None
+        self._forward = None
+        self.reset_statistics()
+
+    def reset(self) -> None:
+        """Start a new clip (the dense model keeps no state)."""
+
+    def reset_statistics(self) -> None:
+        self.statistics = RunStatistics()
+
+    @torch.no_grad()
+    def step(self, frames: torch.Tensor) -> StepResult:
+        """One (N, 3, H, W) frame through the model; the result mimics a BlockCopy full frame."""
+        size = (frames.shape[-2], frames.shape[-1])
+        if self._forward is None:
+            self._macs = count_macs(self.model, frames)
+            self._forward = graphed(self.model, frames) if frames.is_cuda else self.model
+        _synchronize(frames)
+        start = time.perf_counter()
+        outputs = self._forward(frames)
+        _synchronize(frames)
+        network = time.perf_counter() - start
+        result = self.adapter.decode(outputs, size)
+        _synchronize(frames)
+        seconds = {"network": network, "sparse_overhead": 0.0,
+                   "postprocess": time.perf_counter() - start - network}
+        rows, cols = size[0] // self.block_size, size[1] // self.block_size
+        blocks = frames.shape[0] * rows * cols
+        grid = torch.ones(frames.shape[0], 1, rows, cols, dtype=torch.bool)
+        step = StepResult(outputs, result, grid, True, None, None, FrameStats(blocks, blocks, self._macs), 0,
+                          None, seconds)
+        self.statistics.add(step)
+        return step
+
+
+def _synchronize(frames: torch.Tensor) -> None:
+    """Wait for the GPU (so that stage times are exact); nothing on the CPU."""
+    if frames.is_cuda:
+        torch.cuda.synchronize(frames.device)
+
+
+def run_clips(runner: Runner, clips: Iterable[Iterable[Any]], *, prepare: Prepare | None = None,
+              desc: str | None = None, total: int | None = None,
+              progress: tqdm | None = None) -> Iterator[tuple[int, int, Any, StepResult]]:
+    """Run every frame of every clip through ``runner``; a clip starts with ``runner.reset()``.
+
+    Args:
+        runner: a :class:`~blockcopy_core.BlockCopy` or :class:`DenseRunner`.
+        clips: clips, each an iterable of frames (tensors, or anything ``prepare`` takes).
+        prepare: frame -> the runner's (N, C, H, W) input (default: the frame itself).
+        desc, total: label and frame count of the progress bar (tqdm) shown when ``progress`` is None.
+        progress: an open tqdm bar to advance instead.
+
+    Yields:
+        ``(clip_index, frame_index, frame, step)`` after each frame, indices from 0; the caller can score
+        the step, or reset the runner's statistics, before the next frame runs.
+    """
+    bar = progress if progress is not None else tqdm(desc=desc, total=total, unit="frame", dynamic_ncols=True)
+    try:
+        for clip_index, clip in enumerate(clips):
+            runner.reset()
+            for frame_index, frame in enumerate(clip):
+                step = runner.step(prepare(frame) if prepare is not None else frame)
+                bar.update()
+                yield clip_index, frame_index, frame, step
+    finally:
+        if progress is None:
+            bar.close()
+
+
+def warm_up(runner: Runner, clips: Sequence[Sequence[Any]], num_clips: int, *, seed: int = 0,
+            prepare: Prepare | None = None, desc: str = "policy warm-up") -> None:
+    """Train the runner's policy on ``num_clips`` clips before evaluation.
+
+    The clips are drawn in epochs: each epoch is a random permutation of ``clips`` (from a generator
+    seeded with ``seed``), repeated until ``num_clips`` clips have run; each clip starts with a full
+    frame. Afterwards the runner starts a new clip and its statistics restart, so evaluation counts only
+    its own frames. Learned weights stay.
+    """
+    if num_clips < 0:
+        raise ValueError(f"num_clips must be >= 0, got {num_clips}")
+    if num_clips and not clips:
+        raise ValueError("warm_up needs at least one training clip")
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < num_clips:
+        order += torch.randperm(len(clips), generator=generator).tolist()
+    chosen = [clips[index] for index in order[:num_clips]]
+    for _ in run_clips(runner, chosen, prepare=prepare, desc=desc, total=sum(len(clip) for clip in chosen)):
+        pass
+    runner.reset()
+    runner.reset_statistics()
