@@ -408,3 +408,23 @@ def test_run_clips_starts_each_clip_and_yields_every_frame():
     assert [(c, f) for c, f, _, _ in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
     assert [s.full_frame for _, _, _, s in steps] == [True, False, False, True, False]
     assert runner.statistics.frames == 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cast_through", ["converted", "original"])
+def test_convert_then_cuda_half_runs_with_cuda_graphs(cast_through):
+    """convert on the CPU, then .cuda().half() through either object (what Detectron2's build_model does
+    after the plugin converted): the CUDA-graph engine runs the one fp16 model, equal to the CPU engine."""
+    model = randomized(WithRootState(), 0)
+    cpu = bc.convert(randomized(WithRootState(), 0), BLOCK)
+    sparse = bc.convert(model, BLOCK)
+    (sparse if cast_through == "converted" else model).cuda().half()
+    assert all(t.is_cuda and t.dtype == torch.float16 for t in [*model.parameters(), *model.buffers()])
+    video = [frames() for _ in range(4)]
+    grids = [full()] + [torch.rand(STREAMS, 1, 2, 3) < 0.5 for _ in range(3)]
+    for x, grid in zip(video, grids):
+        out = sparse(x.cuda().half(), grid.cuda())
+        expected = cpu(x, sparse.executed_grid.cpu())  # the blocks that ran, bucket extras included
+        torch.testing.assert_close(out.float().cpu(), expected, rtol=1e-2, atol=1e-2)  # fp16: 11-bit mantissa
+    torch.testing.assert_close(model(video[0].cuda().half()).float().cpu(), cpu.model(video[0]),
+                               rtol=1e-2, atol=1e-2)
