@@ -9,6 +9,17 @@ from torch import nn
 from blockcopy_core.functional import resize_bilinear_tf
 
 
+class Lambda(nn.Module):
+    """A module running ``fn``: puts a functional op into a model."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def _randomize_norms(model: nn.Module) -> nn.Module:
     """Non-trivial BatchNorm statistics, so that folding mistakes would show."""
     g = torch.Generator().manual_seed(0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 
 class _MaskEveryOp(TorchFunctionMode):
@@ -65,3 +66,33 @@ class DenseEmulation:
         self.previous_input = x.clone()
         with _MaskEveryOp(self, grid):
             return self.model(x)
+
+
+def rel_error(actual, expected) -> float:
+    """Largest |actual - expected| relative to the largest |expected|, over the leaves of two outputs,
+    computed in at least float32 (fp16/bf16 outputs) and in float64 for float64 ones."""
+    errors = []
+    for a, e in zip(tree_leaves(actual), tree_leaves(expected)):
+        dtype = torch.promote_types(e.dtype, torch.float32)
+        a, e = a.to(dtype), e.to(dtype)
+        errors.append(((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item())
+    return max(errors)
+
+
+def check_against_oracle_and_dense(model, n: int, height: int, width: int, block: int, rtol: float,
+                                   dense_when_full: bool = False) -> None:
+    """The engine on N streams of a changing video: two frames with random grids against the oracle,
+    then an all-blocks frame (on tiles unless ``dense_when_full``) against the plain model."""
+    import blockcopy_core as bc
+
+    sparse, oracle = bc.convert(model, block, dense_when_full=dense_when_full), DenseEmulation(model, block)
+    full = torch.ones(n, 1, height // block, width // block, dtype=torch.bool)
+    x = torch.randn(n, 3, height, width)
+    sparse(x, full)
+    oracle(x, full)
+    for _ in range(2):
+        x = x + 0.5 * torch.randn_like(x)
+        grid = torch.rand(full.shape) < 0.5
+        assert rel_error(sparse(x, grid), oracle(x, grid)) <= rtol
+    x = torch.randn_like(x)
+    assert rel_error(sparse(x, full), model(x)) <= rtol

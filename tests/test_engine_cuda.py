@@ -13,16 +13,11 @@ from torch.utils._pytree import tree_leaves
 
 import blockcopy_core as bc
 from nets import ARCHITECTURES
-from oracle import DenseEmulation
+from oracle import DenseEmulation, rel_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 N = 2
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
-
-
-def rel_error(actual, expected) -> float:
-    return max(((a.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-12)).item()
-               for a, e in zip(tree_leaves(actual), tree_leaves(expected)))
 
 
 @pytest.fixture(autouse=True)

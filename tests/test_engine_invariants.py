@@ -9,17 +9,12 @@ from torch.utils._pytree import tree_leaves
 
 import blockcopy_core as bc
 from nets import ARCHITECTURES
-from oracle import DenseEmulation
+from oracle import DenseEmulation, rel_error
 
 N = 2
 # fp32 on CPU: tiles and the dense map run the same convolutions on the same values but may sum in
 # another order; deep nets (ResNet-50: ~50 layers) accumulate ~1e-6 relative differences.
 RTOL = 1e-4
-
-
-def rel_error(actual, expected) -> float:
-    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-               for a, e in zip(tree_leaves(actual), tree_leaves(expected)))
 
 
 class Arch:

@@ -9,38 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import handle_torch_function, has_torch_function
-from torch.utils._pytree import tree_leaves
 
 import blockcopy_core as bc
 from blockcopy_core.ops import HANDLERS
 from blockcopy_core.ops.pointwise import elementwise
-from oracle import DenseEmulation
+from nets import Lambda
+from oracle import check_against_oracle_and_dense, rel_error
+from test_engine_ops import run_two_frames
 
 N = 2
 RTOL = 1e-4  # fp32: only summation order differs between tiles and dense maps (as tests/test_frameworks.py)
-
-
-def rel_error(actual, expected) -> float:
-    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-               for a, e in zip(tree_leaves(actual), tree_leaves(expected)))
-
-
-def check_against_oracle_and_dense(model: nn.Module, height: int, width: int, block: int,
-                                   rtol: float = RTOL, dense_when_full: bool = False) -> None:
-    """Two frames of a changing video with random grids against the oracle, then an all-blocks frame
-    (on tiles unless ``dense_when_full``) against the plain model."""
-    sparse = bc.convert(model, block, dense_when_full=dense_when_full)
-    oracle = DenseEmulation(model, block)
-    full = torch.ones(N, 1, height // block, width // block, dtype=torch.bool)
-    x = torch.randn(N, 3, height, width)
-    sparse(x, full)
-    oracle(x, full)
-    for _ in range(2):
-        x = x + 0.5 * torch.randn_like(x)
-        grid = torch.rand(full.shape) < 0.5
-        assert rel_error(sparse(x, grid), oracle(x, grid)) <= rtol
-    x = torch.randn_like(x)
-    assert rel_error(sparse(x, full), model(x)) <= rtol
 
 
 @torch.no_grad()
@@ -64,15 +42,6 @@ def randomize_norms(model: nn.Module) -> nn.Module:
 # --- the patterns alone -------------------------------------------------------------------------------
 
 BLOCK, H, W = 16, 32, 48
-
-
-class Lambda(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(x)
 
 
 def focus(x):
@@ -123,7 +92,7 @@ PATTERNS = {
 
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 def test_pattern_matches_oracle_and_dense(name):
-    check_against_oracle_and_dense(PATTERNS[name](), H, W, BLOCK, rtol=1e-5)
+    check_against_oracle_and_dense(PATTERNS[name](), N, H, W, BLOCK, rtol=1e-5)
 
 
 # --- real architectures -------------------------------------------------------------------------------
@@ -133,18 +102,18 @@ def test_torchvision_deeplabv3_resnet50_aspp(one_thread):
     model = randomize_norms(deeplabv3_resnet50(weights=None, weights_backbone=None))
     # Stride-8 tiles of 8 px with ASPP halos of up to 36 px: on the CPU the engine's pure-PyTorch gathers
     # of those halos cost ten dense forwards, so the all-blocks frame runs densely here.
-    check_against_oracle_and_dense(model, 64, 128, 64, dense_when_full=True)
+    check_against_oracle_and_dense(model, N, 64, 128, 64, RTOL, dense_when_full=True)
 
 
 def test_torchvision_convnext_tiny(one_thread):
     from torchvision.models import convnext_tiny
-    check_against_oracle_and_dense(randomize_norms(convnext_tiny(weights=None).features), 64, 128, 32)
+    check_against_oracle_and_dense(randomize_norms(convnext_tiny(weights=None).features), N, 64, 128, 32, RTOL)
 
 
 def test_mmdetection_res2net50(one_thread):
     pytest.importorskip("mmdet")
     from mmdet.models.backbones import Res2Net
-    check_against_oracle_and_dense(randomize_norms(Res2Net(depth=50)), 64, 128, 32)
+    check_against_oracle_and_dense(randomize_norms(Res2Net(depth=50)), N, 64, 128, 32, RTOL)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.cuda.amp.autocast:FutureWarning")  # mmdet's SPP bottleneck
@@ -152,18 +121,10 @@ def test_mmdetection_csp_darknet(one_thread):
     pytest.importorskip("mmdet")
     from mmdet.models.backbones import CSPDarknet
     model = CSPDarknet(deepen_factor=0.33, widen_factor=0.25)
-    check_against_oracle_and_dense(randomize_norms(model), 64, 128, 32)
+    check_against_oracle_and_dense(randomize_norms(model), N, 64, 128, 32, RTOL)
 
 
 # --- refusals -----------------------------------------------------------------------------------------
-
-def run_two_frames(model, block=BLOCK, height=H, width=W):
-    sparse = bc.convert(model.eval(), block)
-    x = torch.randn(N, 3, height, width)
-    grid = torch.ones(N, 1, height // block, width // block, dtype=torch.bool)
-    sparse(x, grid)
-    sparse(x, torch.rand(grid.shape) < 0.5)
-
 
 @pytest.mark.parametrize("fn, op, reason", [
     (lambda x: F.avg_pool2d(x, 3, 2, ceil_mode=True), "avg_pool2d", "ceil_mode=True pools the 32x48 map to 16x24"),
@@ -184,7 +145,7 @@ def test_refusal_names_the_op(fn, op, reason):
 
 def test_space_to_depth_on_odd_tiles_is_refused():
     with pytest.raises(bc.UnsupportedOperationError, match="not block-aligned: this map's tiles are 9 px") as info:
-        run_two_frames(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Lambda(focus)), block=9, height=18, width=27)
+        run_two_frames(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Lambda(focus)), block=9, h=18, w=27)
     assert info.value.op == "__getitem__"
 
 
@@ -192,7 +153,7 @@ def test_channels_last_output_is_refused():
     # (N, 32, 16, 8) channels-last would pass for a stride-4 (N, C, H, W) map of the 64x32 frames
     model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), Lambda(lambda x: x.permute(0, 2, 3, 1)))
     with pytest.raises(bc.UnsupportedOperationError, match="output #0 is not a") as info:
-        run_two_frames(model, height=64, width=32)
+        run_two_frames(model, h=64, w=32)
     assert info.value.op == "output"
 
 
@@ -239,7 +200,7 @@ def test_registered_op_runs_block_sparse(restore_handlers):
 
     bc.register_op("scale_channels", handler)
     assert "scale_channels" in bc.supported_ops()
-    check_against_oracle_and_dense(model, H, W, BLOCK, rtol=1e-5)
+    check_against_oracle_and_dense(model, N, H, W, BLOCK, rtol=1e-5)
     assert True in phases and False in phases
 
     with pytest.raises(ValueError, match="'scale_channels' already has a handler"):

@@ -4,32 +4,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 import blockcopy_core as bc
-from oracle import DenseEmulation
+from oracle import check_against_oracle_and_dense as check_against_oracle_and_dense_at
 
 N, H, W, BLOCK = 2, 128, 192, 64
 RTOL = 1e-4  # fp32, ~60 layers: only summation order differs between tiles and dense maps
 
 
-def rel_error(actual, expected) -> float:
-    return max(((a - e).abs().max() / e.abs().max().clamp_min(1e-12)).item()
-               for a, e in zip(tree_leaves(actual), tree_leaves(expected)))
-
-
 def check_against_oracle_and_dense(model: nn.Module) -> None:
-    sparse, oracle = bc.convert(model, BLOCK), DenseEmulation(model, BLOCK)
-    full = torch.ones(N, 1, H // BLOCK, W // BLOCK, dtype=torch.bool)
-    x = torch.randn(N, 3, H, W)
-    sparse(x, full)
-    oracle(x, full)
-    for _ in range(2):
-        x = x + 0.5 * torch.randn_like(x)
-        grid = torch.rand(full.shape) < 0.5
-        assert rel_error(sparse(x, grid), oracle(x, grid)) <= RTOL
-    x = torch.randn_like(x)
-    assert rel_error(sparse(x, full), model(x)) <= RTOL
+    check_against_oracle_and_dense_at(model, N, H, W, BLOCK, RTOL, dense_when_full=True)
 
 
 @torch.no_grad()
