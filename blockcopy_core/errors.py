@@ -28,6 +28,7 @@ class ConfigError(BlockCopyError, ValueError):
     def __init__(self, name: str, value, expected: str):
         self.name = name
         self.value = value
+        self.expected = expected
         super().__init__(f"blockcopy setting '{name}' = {value!r} is invalid: it must be {expected}")
 
 

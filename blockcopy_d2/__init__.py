@@ -5,3 +5,7 @@ except ImportError as error:
     raise ImportError(
         "blockcopy_d2 needs Detectron2, and the package 'detectron2' is not installed; run "
         "tools/install_stack.sh (or install detectron2 into this environment)") from error
+
+from .config import add_blockcopy_config, blockcopy_config  # noqa: E402
+
+__all__ = ["add_blockcopy_config", "blockcopy_config"]

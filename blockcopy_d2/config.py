@@ -1,0 +1,62 @@
+"""``cfg.MODEL.BLOCKCOPY``: BlockCopy's settings in a Detectron2 config."""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from detectron2.config import CfgNode as CN
+
+from blockcopy_core.config import BlockCopyConfig
+from blockcopy_core.errors import ConfigError
+
+
+def add_blockcopy_config(cfg: CN) -> None:
+    """Add ``cfg.MODEL.BLOCKCOPY`` with the method's defaults; call it right after ``get_cfg()``.
+
+    The first keys are the fields of :class:`blockcopy_core.BlockCopyConfig`, one to one (upper case);
+    the last ones say what Detectron2 needs around them.
+    """
+    defaults = BlockCopyConfig()
+    cfg.MODEL.BLOCKCOPY = CN()
+    _C = cfg.MODEL.BLOCKCOPY
+    # Block side in pixels; a multiple of the backbone's largest stride (128: an 8x16 grid at 2048x1024).
+    _C.BLOCK_SIZE = defaults.block_size
+    # Block policy: "rl" (online REINFORCE), "random", "residual", "lowfps", "all", "none".
+    _C.POLICY = defaults.policy
+    # tau, the target fraction of executed blocks, in (0, 1].
+    _C.TARGET = defaults.target
+    # Weight of the cost reward against the information-gain reward.
+    _C.GAMMA = defaults.gamma
+    # mu, momentum of the moving average of the executed fraction, in [0, 1).
+    _C.COST_MOMENTUM = defaults.cost_momentum
+    # Learning rate of the policy's RMSprop optimiser.
+    _C.LR = defaults.lr
+    # Weight decay of the policy's optimiser.
+    _C.WEIGHT_DECAY = defaults.weight_decay
+    # Frames per policy weight update.
+    _C.UPDATE_INTERVAL = defaults.update_interval
+    # On CUDA the executed-block count is rounded up to a multiple of 1/BUCKETS of the grid.
+    _C.BUCKETS = defaults.buckets
+    # Capture each bucket's block-sparse forward as a CUDA graph (CUDA only).
+    _C.CUDA_GRAPHS = defaults.cuda_graphs
+    # Run frames that execute every block as the plain dense model.
+    _C.DENSE_WHEN_FULL = defaults.dense_when_full
+    # Training clips the policy learns on before evaluation (the method's 400).
+    _C.WARMUP_CLIPS = defaults.warmup_clips
+    # Keep updating the policy while evaluating (as the method does).
+    _C.ONLINE_LEARNING = defaults.online_learning
+    # The backbone the BlockCopy backbone wraps (a BACKBONE_REGISTRY name).
+    _C.BACKBONE = "build_resnet_fpn_backbone"
+    # Policy weights to load after the model's checkpoint ("" = start from scratch); saved beside it.
+    _C.POLICY_WEIGHTS = ""
+    # Detections below this score are ignored by the information gain and the policy's input masks.
+    _C.IG_SCORE_THRESHOLD = 0.3
+
+
+def blockcopy_config(cfg: CN) -> BlockCopyConfig:
+    """The :class:`BlockCopyConfig` of ``cfg.MODEL.BLOCKCOPY`` (validated: a value out of range raises
+    :class:`blockcopy_core.ConfigError` naming the key)."""
+    node = cfg.MODEL.BLOCKCOPY
+    try:
+        return BlockCopyConfig.from_dict({f.name: node[f.name.upper()] for f in fields(BlockCopyConfig)})
+    except ConfigError as error:  # name the key as the user wrote it
+        raise ConfigError(f"MODEL.BLOCKCOPY.{error.name.upper()}", error.value, error.expected) from None
