@@ -280,7 +280,7 @@ class BlockSparseModel(nn.Module):
     def reset(self) -> None:
         """Start a new clip: forget all state; the next frame must execute every block."""
         self._geometry: FrameGeometry | None = None
-        self._frame_format = None
+        self._input_format = None  # (pytree spec, strides, (dtype, device) per input) of the clip
         self._layers: list[LayerState] = []
         self._output_spec = None
         self._outputs: list[torch.Tensor] = []
@@ -295,11 +295,14 @@ class BlockSparseModel(nn.Module):
         return list(self._layers)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, grid: torch.Tensor):
+    def forward(self, x, grid: torch.Tensor):
         """Run one frame of N streams.
 
         Args:
-            x: (N, C, H, W) frames as the model takes them, H and W multiples of ``block_size``.
+            x: (N, C, H, W) frames as the model takes them, H and W multiples of ``block_size``; or, for a
+                model that takes feature maps (a detection head on a feature pyramid), a list, tuple or
+                dict of (N, C_l, H / s_l, W / s_l) maps, each at an integer stride s_l dividing the block
+                size (the frame size is then the grid's). ``frame_state`` is kept for frame inputs only.
             grid: (N, 1, H // block_size, W // block_size) bool, True = execute the block.
 
         Returns:
@@ -307,16 +310,23 @@ class BlockSparseModel(nn.Module):
         """
         if self.training:
             _check_eval_mode(self._wrapped)
-        geometry = FrameGeometry.of_frame(x, self.block_size)
-        geometry.check_grid(grid, x.device)
+        inputs, spec = pytree.tree_flatten(x)
+        if isinstance(x, torch.Tensor):
+            geometry, strides = FrameGeometry.of_frame(x, self.block_size), (1,)
+        else:
+            geometry, strides = FrameGeometry.of_feature_maps(inputs, grid, self.block_size)
+        device = inputs[0].device
+        geometry.check_grid(grid, device)
+        input_format = (spec, strides, tuple((t.dtype, t.device) for t in inputs))
         first = self._geometry is None
-        graphed = self.cuda_graphs and x.is_cuda
-        self._timer.start_frame(self.time_overhead and (first or not graphed), x.device)
-        if not first and (geometry != self._geometry or (x.dtype, x.device) != self._frame_format):
+        graphed = self.cuda_graphs and inputs[0].is_cuda
+        self._timer.start_frame(self.time_overhead and (first or not graphed), device)
+        if not first and (geometry != self._geometry or input_format != self._input_format):
             raise InvalidInputError(
-                f"frames changed mid-clip from {self._describe(self._geometry, *self._frame_format)} to "
-                f"{self._describe(geometry, x.dtype, x.device)}; call reset() to start a new clip")
-        executed, finite = torch.stack([grid.sum(), torch.isfinite(x).all()]).tolist()  # the one host read
+                f"inputs changed mid-clip from {self._describe(self._geometry, self._input_format)} to "
+                f"{self._describe(geometry, input_format)}; call reset() to start a new clip")
+        finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all()
+        executed, finite = torch.stack([grid.sum(), finite]).tolist()  # the one host read
         if not finite:
             raise InvalidInputError("the frame contains NaN or infinite values")
         total = geometry.batch * geometry.blocks_per_frame
@@ -324,7 +334,7 @@ class BlockSparseModel(nn.Module):
             if executed != total:
                 raise InvalidInputError("the first frame after reset() must execute all blocks "
                                         "(its grid must be all True)")
-            return self._start_clip(x, geometry)
+            return self._start_clip(inputs, geometry, input_format)
         selected = executed
         if graphed and executed:
             quantum = max(total // self.buckets, 1)
@@ -333,14 +343,15 @@ class BlockSparseModel(nn.Module):
             macs = 0
             self.executed_grid.zero_()
         elif executed == total and self.dense_when_full:
-            macs = self._graphs.run("dense", self._refresh_dense, x) if graphed else self._refresh_dense(x)
+            macs = self._graphs.run("dense", self._refresh_dense, *inputs) if graphed \
+                else self._refresh_dense(*inputs)
         elif graphed:
             # random priorities for the extra blocks, drawn outside the graph: replays draw nothing
             noise = torch.rand(grid.shape, device=grid.device)
-            body = lambda f, g, r: self._execute_tiles(f, g, executed, r)
-            macs = self._graphs.run(executed, body, x, grid, noise)
+            body = lambda *args: self._execute_tiles(args[:-2], args[-2], executed, args[-1])
+            macs = self._graphs.run(executed, body, *inputs, grid, noise)
         else:
-            macs = self._execute_tiles(x, grid, executed, None)
+            macs = self._execute_tiles(inputs, grid, executed, None)
         self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected)
         return self._current_outputs()
 
@@ -348,24 +359,34 @@ class BlockSparseModel(nn.Module):
         return self._timer.seconds if self._timer.active else None
 
     @staticmethod
-    def _describe(g: FrameGeometry, dtype, device) -> str:
-        return f"N={g.batch} x {g.channels}x{g.height}x{g.width} ({dtype}, {device})"
+    def _describe(g: FrameGeometry, input_format) -> str:
+        _, strides, formats = input_format
+        dtype, device = formats[0]
+        inputs = "" if strides == (1,) else f" as {len(strides)} maps at strides {strides}"
+        return f"N={g.batch} x {g.channels}x{g.height}x{g.width}{inputs} ({dtype}, {device})"
 
-    def _start_clip(self, x: torch.Tensor, geometry: FrameGeometry):
+    def _model_input(self, tensors) -> Activation:
+        """The model's argument: the input tensors (frames, or tiles) as activations, in the input's
+        structure."""
+        return pytree.tree_unflatten([wrap(t, SPATIAL) for t in tensors], self._input_format[0])
+
+    def _start_clip(self, inputs: list[torch.Tensor], geometry: FrameGeometry, input_format):
         """The first frame: run densely, recording every spatial op's state and the output structure."""
         self.reset()
+        self._input_format = input_format
         _check_eval_mode(self._wrapped)
         self._module_labels = {id(module): f"{name} ({type(module).__name__})"
                                for name, module in self._wrapped.named_modules() if name}
         executor = _FrameExecutor(self, geometry, None, recording=True)
-        leaves, self._output_spec = pytree.tree_flatten(self._call_model(executor, wrap(x, SPATIAL)))
+        leaves, self._output_spec = pytree.tree_flatten(self._call_model(executor, self._model_input(inputs)))
         for i, leaf in enumerate(leaves):
             self._check_output_leaf(i, leaf, geometry, dense=True)
         with self._timer:
             self._outputs = [leaf.as_subclass(torch.Tensor).clone() for leaf in leaves]
-            self.frame_state = x.clone()
-            self.executed_grid = torch.ones(geometry.grid_shape, dtype=torch.bool, device=x.device)
-        self._geometry, self._frame_format = geometry, (x.dtype, x.device)
+            if input_format[1] == (1,):  # a frame, not feature maps
+                self.frame_state = inputs[0].clone()
+            self.executed_grid = torch.ones(geometry.grid_shape, dtype=torch.bool, device=inputs[0].device)
+        self._geometry = geometry
         total = geometry.batch * geometry.blocks_per_frame
         self.last_stats = FrameStats(total, total, executor.macs, self._overhead())
         return self._current_outputs()
@@ -373,26 +394,28 @@ class BlockSparseModel(nn.Module):
     # The two frame bodies below may be captured in CUDA graphs: everything they leave behind must be
     # written in place into buffers allocated on the clip's first frame, never rebound.
 
-    def _refresh_dense(self, x: torch.Tensor) -> int:
+    def _refresh_dense(self, *inputs: torch.Tensor) -> int:
         """Execute every block densely, refreshing all states; returns the MACs run."""
         executor = _FrameExecutor(self, self._geometry, None)
-        leaves = self._model_outputs(executor, wrap(x, SPATIAL))
+        leaves = self._model_outputs(executor, self._model_input(inputs))
         with self._timer:
             for buffer, leaf in zip(self._outputs, leaves):
                 buffer.copy_(leaf.as_subclass(torch.Tensor))
-            self.frame_state.copy_(x)
+            if self.frame_state is not None:
+                self.frame_state.copy_(inputs[0])
             self.executed_grid.fill_(True)
         return executor.macs
 
-    def _execute_tiles(self, x: torch.Tensor, grid: torch.Tensor, count: int,
-                       noise: torch.Tensor | None) -> int:
+    def _execute_tiles(self, inputs, grid: torch.Tensor, count: int, noise: torch.Tensor | None) -> int:
         """Run the model on ``count`` blocks: the grid's, plus extras ranked by ``noise`` (in [0, 1))."""
         with self._timer:
             index = self._tile_index(grid, count, noise)
-            tiles = extract_tiles(x, index, self.block_size)
-            scatter_tiles(self.frame_state, tiles, index)
+            tiles = [extract_tiles(t, index, self.block_size // stride)
+                     for t, stride in zip(inputs, self._input_format[1])]
+            if self.frame_state is not None:
+                scatter_tiles(self.frame_state, tiles[0], index)
         executor = _FrameExecutor(self, self._geometry, index)
-        leaves = self._model_outputs(executor, wrap(tiles, SPATIAL))
+        leaves = self._model_outputs(executor, self._model_input(tiles))
         with self._timer:
             for buffer, leaf in zip(self._outputs, leaves):
                 scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)

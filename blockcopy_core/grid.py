@@ -55,6 +55,36 @@ class FrameGeometry:
                 f"{-(-h // block_size) * block_size}x{-(-w // block_size) * block_size})")
         return cls(n, c, h, w, block_size)
 
+    @classmethod
+    def of_feature_maps(cls, maps: list[torch.Tensor], grid: torch.Tensor,
+                        block_size: int) -> tuple["FrameGeometry", tuple[int, ...]]:
+        """Geometry of the frames behind a set of (N, C_l, H_l, W_l) feature maps, and each map's stride.
+
+        The frame size is the grid's (Gh * block_size, Gw * block_size); every map must be the frame
+        scaled down by an integer stride s_l that divides the block size (its blocks are then
+        block_size / s_l pixels), e.g. the levels of a feature pyramid fed to a detection head.
+        """
+        if not isinstance(grid, torch.Tensor) or grid.dim() != 4:
+            raise InvalidInputError("feature-map inputs need the (N, 1, Gh, Gw) grid to fix the frame size, got "
+                                    f"{tuple(grid.shape) if isinstance(grid, torch.Tensor) else type(grid).__name__}")
+        n, _, grid_h, grid_w = grid.shape
+        height, width = grid_h * block_size, grid_w * block_size
+        strides = []
+        for i, fmap in enumerate(maps):
+            if not isinstance(fmap, torch.Tensor) or fmap.dim() != 4 or not fmap.is_floating_point():
+                what = f"{tuple(fmap.shape)} {fmap.dtype}" if isinstance(fmap, torch.Tensor) else type(fmap).__name__
+                raise InvalidInputError(f"input #{i} must be a floating-point (N, C, H, W) feature map, got {what}")
+            h, w = fmap.shape[-2:]
+            stride = height // h if h else 0
+            if fmap.shape[0] != n or not stride or h * stride != height or w * stride != width \
+                    or block_size % stride:
+                raise InvalidInputError(
+                    f"input #{i} of shape {tuple(fmap.shape)} does not fit the grid {tuple(grid.shape)} of "
+                    f"{block_size}-px blocks: every input must have N={n} and be the {height}x{width} frame "
+                    "scaled by an integer stride that divides the block size")
+            strides.append(stride)
+        return cls(n, maps[0].shape[1], height, width, block_size), tuple(strides)
+
     def check_grid(self, grid: torch.Tensor, device: torch.device) -> None:
         """Raise a clear error unless ``grid`` is a bool (N, 1, Gh, Gw) tensor on ``device``."""
         if not isinstance(grid, torch.Tensor):
