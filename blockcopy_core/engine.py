@@ -217,7 +217,31 @@ class BlockSparseModel(nn.Module):
         self._graphs = BucketGraphs()
         self._module_stack: list[str] = []
         self._module_labels: dict[int, str] = {}
+        object.__setattr__(self, "_grid_source", None)  # not a child module, not state
         self.reset()
+
+    def bind(self, grid_source: "torch.Tensor | BlockSparseModel | None") -> None:
+        """Let calls without a grid use ``grid_source``: an (N, 1, Gh, Gw) bool grid, or another block-sparse
+        model whose ``executed_grid`` (that of its latest frame, bucket extras included) is used.
+
+        For model parts that a framework calls with its own signature: Detectron2 calls its RPN head as
+        ``rpn_head(features)``; bound to the block-sparse backbone, the converted head runs the blocks the
+        backbone ran. ``None`` unbinds.
+        """
+        if grid_source is not None and not isinstance(grid_source, (torch.Tensor, BlockSparseModel)):
+            raise TypeError(f"bind() takes a grid tensor or a BlockSparseModel, got {type(grid_source).__name__}")
+        object.__setattr__(self, "_grid_source", grid_source)
+
+    def _bound_grid(self) -> torch.Tensor:
+        source = self._grid_source
+        if isinstance(source, BlockSparseModel):
+            if source.executed_grid is None:
+                raise InvalidInputError("the block-sparse model this one is bound to has not run a frame yet")
+            return source.executed_grid
+        if source is None:
+            raise InvalidInputError("no execution grid: call forward(x, grid), or bind() a grid or a block-sparse "
+                                    "model first")
+        return source
 
     @property
     def training(self) -> bool:
@@ -295,7 +319,7 @@ class BlockSparseModel(nn.Module):
         return list(self._layers)
 
     @torch.no_grad()
-    def forward(self, x, grid: torch.Tensor):
+    def forward(self, x, grid: torch.Tensor | None = None):
         """Run one frame of N streams.
 
         Args:
@@ -303,11 +327,14 @@ class BlockSparseModel(nn.Module):
                 model that takes feature maps (a detection head on a feature pyramid), a list, tuple or
                 dict of (N, C_l, H / s_l, W / s_l) maps, each at an integer stride s_l dividing the block
                 size (the frame size is then the grid's). ``frame_state`` is kept for frame inputs only.
-            grid: (N, 1, H // block_size, W // block_size) bool, True = execute the block.
+            grid: (N, 1, H // block_size, W // block_size) bool, True = execute the block; None: the grid
+                bound with :meth:`bind`.
 
         Returns:
             The model's output structure, every feature map dense (N, C, H_l, W_l).
         """
+        if grid is None:
+            grid = self._bound_grid()
         if self.training:
             _check_eval_mode(self._wrapped)
         inputs, spec = pytree.tree_flatten(x)

@@ -119,3 +119,24 @@ def test_feature_inputs_with_cuda_graphs_match_the_cpu_engine():
         assert torch.equal(gpu_head.executed_grid, executed), "the backbone's executed grid fills its buckets"
         expected = cpu_head(list(cpu_backbone(x, executed.cpu()).values()), executed.cpu())
         assert rel_error([[t.cpu() for t in level] for level in out], expected) <= 1e-4
+
+
+def test_bound_head_follows_the_backbones_grid():
+    """A framework calls the head with its own signature (rpn_head(features)): bound to the backbone,
+    the head runs the blocks the backbone ran."""
+    backbone, head = pyramid_and_head()
+    whole = bc.convert(BackboneAndHead(backbone, head).eval(), BLOCK)
+    sparse_backbone, sparse_head = bc.convert(backbone, BLOCK), bc.convert(head, BLOCK)
+    with pytest.raises(bc.InvalidInputError, match="no execution grid"):
+        sparse_head([torch.randn(N, 256, H // 4, W // 4)])
+    sparse_head.bind(sparse_backbone)
+    with pytest.raises(bc.InvalidInputError, match="has not run a frame"):
+        sparse_head([torch.randn(N, 256, H // 4, W // 4)])
+    for x, grid in video(3):
+        sparse_backbone.bind(grid)
+        outputs = sparse_head(list(sparse_backbone(x).values()))
+        assert rel_error(outputs, whole(x, grid)) <= 1e-5
+    assert "_grid_source" not in dict(sparse_head.named_modules()) and not any(
+        key.startswith("_grid") for key in sparse_head.state_dict())
+    with pytest.raises(TypeError, match="grid tensor or a BlockSparseModel"):
+        sparse_head.bind("backbone")
