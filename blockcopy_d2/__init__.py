@@ -7,5 +7,8 @@ except ImportError as error:
         "tools/install_stack.sh (or install detectron2 into this environment)") from error
 
 from .config import add_blockcopy_config, blockcopy_config  # noqa: E402
+from .modeling import (BlockCopyBackbone, BlockCopyGeneralizedRCNN, BlockCopyRetinaNet, BlockCopyRPN,  # noqa: E402
+                       BlockCopySemanticSegmentor, InstancesAdapter)
 
-__all__ = ["add_blockcopy_config", "blockcopy_config"]
+__all__ = ["BlockCopyBackbone", "BlockCopyGeneralizedRCNN", "BlockCopyRPN", "BlockCopyRetinaNet",
+           "BlockCopySemanticSegmentor", "InstancesAdapter", "add_blockcopy_config", "blockcopy_config"]

@@ -7,6 +7,7 @@ from detectron2.config import CfgNode as CN
 
 from blockcopy_core.config import BlockCopyConfig
 from blockcopy_core.errors import ConfigError
+from blockcopy_core.policy import POLICIES
 
 
 def add_blockcopy_config(cfg: CN) -> None:
@@ -57,6 +58,9 @@ def blockcopy_config(cfg: CN) -> BlockCopyConfig:
     :class:`blockcopy_core.ConfigError` naming the key)."""
     node = cfg.MODEL.BLOCKCOPY
     try:
-        return BlockCopyConfig.from_dict({f.name: node[f.name.upper()] for f in fields(BlockCopyConfig)})
+        config = BlockCopyConfig.from_dict({f.name: node[f.name.upper()] for f in fields(BlockCopyConfig)})
     except ConfigError as error:  # name the key as the user wrote it
         raise ConfigError(f"MODEL.BLOCKCOPY.{error.name.upper()}", error.value, error.expected) from None
+    if config.policy not in POLICIES:
+        raise ConfigError("MODEL.BLOCKCOPY.POLICY", config.policy, f"one of the registered policies {sorted(POLICIES)}")
+    return config
