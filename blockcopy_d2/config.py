@@ -1,8 +1,11 @@
 """``cfg.MODEL.BLOCKCOPY``: BlockCopy's settings in a Detectron2 config."""
 from __future__ import annotations
 
+import os
 from dataclasses import fields
 
+import yaml
+from detectron2 import model_zoo
 from detectron2.config import CfgNode as CN
 
 from blockcopy_core.config import BlockCopyConfig
@@ -64,3 +67,34 @@ def blockcopy_config(cfg: CN) -> BlockCopyConfig:
     if config.policy not in POLICIES:
         raise ConfigError("MODEL.BLOCKCOPY.POLICY", config.policy, f"one of the registered policies {sorted(POLICIES)}")
     return config
+
+
+MODEL_ZOO_PREFIX = "detectron2://"
+"""``_BASE_: detectron2://Cityscapes/mask_rcnn_R_50_FPN.yaml`` names a config of Detectron2's model zoo
+(shipped with Detectron2), as ``MODEL.WEIGHTS: detectron2://...`` names its checkpoints."""
+
+
+def merge_config_file(cfg: CN, path: str) -> None:
+    """``cfg.merge_from_file(path)`` where the ``_BASE_`` chain may end in Detectron2's model zoo.
+
+    Each file overrides its ``_BASE_`` (a path relative to the file, or ``detectron2://<zoo config>``),
+    so a BlockCopy config is a few lines over the model-zoo config it accelerates.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path} does not exist")
+    chain = []
+    while True:
+        with open(path) as handle:
+            values = yaml.safe_load(handle) or {}
+        base = values.pop("_BASE_", None)
+        chain.append(CN(values))
+        if base is None:
+            break
+        if base.startswith(MODEL_ZOO_PREFIX):
+            cfg.merge_from_file(model_zoo.get_config_file(base[len(MODEL_ZOO_PREFIX):]))
+            break
+        parent, path = path, os.path.join(os.path.dirname(path), base)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"_BASE_ {base!r} of config {parent}: no such file {path}")
+    for values in reversed(chain):
+        cfg.merge_from_other_cfg(values)

@@ -10,7 +10,9 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 import blockcopy_core as bc  # noqa: E402
+from blockcopy_core.paths import REPO_ROOT  # noqa: E402
 from blockcopy_d2 import add_blockcopy_config  # noqa: E402
+from blockcopy_d2.config import merge_config_file  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 HEIGHT, WIDTH, BLOCK = 256, 512, 128  # RetinaNet's P7 has stride 128
@@ -168,3 +170,32 @@ def test_meta_architecture_needs_the_blockcopy_backbone_and_runs_inference_only(
     _, blockcopy = models("retinanet")
     with pytest.raises(NotImplementedError, match="inference only"):
         blockcopy.train()
+
+
+CONFIGS = sorted((REPO_ROOT / "configs" / "Cityscapes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_cityscapes_configs_build_their_models(path):
+    """Each config is a few lines over a model-zoo config (``_BASE_: detectron2://...``)."""
+    cfg = get_cfg()
+    add_blockcopy_config(cfg)
+    merge_config_file(cfg, str(path))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    blockcopy = "blockcopy" in path.stem.lower()
+    assert type(model).__name__.startswith("BlockCopy") == blockcopy
+    if blockcopy:
+        assert model.blockcopy.config.block_size == 128
+        assert f"tau{model.blockcopy.config.target:g}" in path.stem or path.stem.startswith("Base")
+    assert len(path.read_text().splitlines()) <= 20
+
+
+def test_config_chain_errors_name_the_files(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text('_BASE_: "missing.yaml"\n')
+    cfg = get_cfg()
+    with pytest.raises(FileNotFoundError, match=r"_BASE_ 'missing.yaml' of config .*child.yaml"):
+        merge_config_file(cfg, str(child))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        merge_config_file(cfg, str(tmp_path / "nothing.yaml"))
