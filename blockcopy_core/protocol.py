@@ -124,24 +124,28 @@ def run_clips(runner: Runner, clips: Iterable[Iterable[Any]], *, prepare: Prepar
             bar.close()
 
 
+def warmup_order(available: int, num_clips: int, seed: int = 0) -> list[int]:
+    """Indices of the ``num_clips`` training clips a warm-up runs, out of ``available``: epochs of random
+    permutations (from a generator seeded with ``seed``), repeated until ``num_clips`` are drawn."""
+    if num_clips < 0:
+        raise ValueError(f"num_clips must be >= 0, got {num_clips}")
+    if num_clips and not available:
+        raise ValueError("a warm-up needs at least one training clip")
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < num_clips:
+        order += torch.randperm(available, generator=generator).tolist()
+    return order[:num_clips]
+
+
 def warm_up(runner: Runner, clips: Sequence[Sequence[Any]], num_clips: int, *, seed: int = 0,
             prepare: Prepare | None = None, desc: str = "policy warm-up") -> None:
     """Train the runner's policy on ``num_clips`` clips before evaluation.
 
-    The clips are drawn in epochs: each epoch is a random permutation of ``clips`` (from a generator
-    seeded with ``seed``), repeated until ``num_clips`` clips have run; each clip starts with a full
-    frame. Afterwards the runner starts a new clip and its statistics restart, so evaluation counts only
+    The clips are drawn in epochs (:func:`warmup_order`); each clip starts with a full frame. Afterwards the runner starts a new clip and its statistics restart, so evaluation counts only
     its own frames. Learned weights stay.
     """
-    if num_clips < 0:
-        raise ValueError(f"num_clips must be >= 0, got {num_clips}")
-    if num_clips and not clips:
-        raise ValueError("warm_up needs at least one training clip")
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
-    while len(order) < num_clips:
-        order += torch.randperm(len(clips), generator=generator).tolist()
-    chosen = [clips[index] for index in order[:num_clips]]
+    chosen = [clips[index] for index in warmup_order(len(clips), num_clips, seed)]
     for _ in run_clips(runner, chosen, prepare=prepare, desc=desc, total=sum(len(clip) for clip in chosen)):
         pass
     runner.reset()
