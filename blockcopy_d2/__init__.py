@@ -6,9 +6,12 @@ except ImportError as error:
         "blockcopy_d2 needs Detectron2, and the package 'detectron2' is not installed; run "
         "tools/install_stack.sh (or install detectron2 into this environment)") from error
 
-from .config import add_blockcopy_config, blockcopy_config  # noqa: E402
+from . import data  # noqa: E402  (registers the video datasets)
+from .centernet import BlockCopyCenterNet, CenterNetMobileNetV3, add_centernet_config  # noqa: E402
+from .config import add_blockcopy_config, blockcopy_config, merge_config_file  # noqa: E402
 from .modeling import (BlockCopyBackbone, BlockCopyGeneralizedRCNN, BlockCopyRetinaNet, BlockCopyRPN,  # noqa: E402
                        BlockCopySemanticSegmentor, InstancesAdapter)
 
-__all__ = ["BlockCopyBackbone", "BlockCopyGeneralizedRCNN", "BlockCopyRPN", "BlockCopyRetinaNet",
-           "BlockCopySemanticSegmentor", "InstancesAdapter", "add_blockcopy_config", "blockcopy_config"]
+__all__ = ["BlockCopyBackbone", "BlockCopyCenterNet", "BlockCopyGeneralizedRCNN", "BlockCopyRPN",
+           "BlockCopyRetinaNet", "BlockCopySemanticSegmentor", "CenterNetMobileNetV3", "InstancesAdapter",
+           "add_blockcopy_config", "add_centernet_config", "blockcopy_config", "data", "merge_config_file"]

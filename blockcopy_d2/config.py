@@ -54,6 +54,8 @@ def add_blockcopy_config(cfg: CN) -> None:
     _C.POLICY_WEIGHTS = ""
     # Detections below this score are ignored by the information gain and the policy's input masks.
     _C.IG_SCORE_THRESHOLD = 0.3
+    # Video evaluation: this many clips run at once, as as many streams of one batch.
+    cfg.TEST.CLIPS_PER_BATCH = 1
 
 
 def blockcopy_config(cfg: CN) -> BlockCopyConfig:

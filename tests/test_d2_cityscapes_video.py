@@ -29,7 +29,7 @@ from PIL import Image
 from blockcopy_d2.data.cityscapes_video import AnnotatedFramesEvaluator, register_cityscapes_video
 from blockcopy_d2.data.sampler import (ClipBatchSampler, ClipInferenceSampler,
                                        build_clip_test_loader, clips_of)
-from cityscapes_fixture import (CLIPS, HEIGHT, THINGS, WIDTH, annotated_frame_files,
+from cityscapes_fixture import (CLIPS, HEIGHT, WIDTH, annotated_frame_files,
                                 sequence_frame_path, write_cityscapes)
 
 NAMES = [f"cityscapes_video_fine_{task}_{split}" for split in ("train", "val")

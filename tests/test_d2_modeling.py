@@ -13,6 +13,7 @@ import blockcopy_core as bc  # noqa: E402
 from blockcopy_core.paths import REPO_ROOT  # noqa: E402
 from blockcopy_d2 import add_blockcopy_config  # noqa: E402
 from blockcopy_d2.config import merge_config_file  # noqa: E402
+from blockcopy_d2.engine import load_weights, save_policy  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 HEIGHT, WIDTH, BLOCK = 256, 512, 128  # RetinaNet's P7 has stride 128
@@ -118,8 +119,9 @@ def test_sparse_frames_run_the_policy_and_follow_clips():
             outputs = blockcopy(batch)
             assert len(outputs) == 2 and outputs[0]["instances"].pred_masks.shape[-2:] == (HEIGHT, WIDTH)
             assert torch.equal(head.executed_grid, blockcopy.backbone.executed_grid), "the RPN head follows"
-    stats = blockcopy.blockcopy.statistics
+    stats = blockcopy.statistics
     assert (stats.frames, stats.full_frames) == (5, 2)
+    assert blockcopy.annotated_statistics.frames == 5, "inputs without 'annotated' are scored"
     assert 0.0 < stats.policy_executed_fraction < 1.0
     assert isinstance(head, bc.BlockSparseModel) and head.last_stats.executed_blocks < 2 * 2 * 4
 
@@ -141,15 +143,16 @@ def test_policy_is_saved_beside_the_model_and_loaded_from_the_config(tmp_path):
     with torch.no_grad():
         for batch in clip(5):
             blockcopy(batch)
-    path = tmp_path / "policy.pt"
-    torch.save(blockcopy.blockcopy.state_dict(), path)
-    _, resumed = models("retinanet", POLICY="rl", POLICY_WEIGHTS=str(path))
-    with torch.no_grad():
-        resumed(clip(1)[0])
+    cfg = config("retinanet", True, POLICY="rl", POLICY_WEIGHTS=str(tmp_path / "policy.pt"))
+    cfg.OUTPUT_DIR = str(tmp_path)
+    assert save_policy(cfg, blockcopy) == tmp_path / "policy.pt"
+    _, resumed = models("retinanet", POLICY="rl")
+    load_weights(cfg, resumed)
     for a, b in zip(resumed.blockcopy.policy.parameters(), blockcopy.blockcopy.policy.parameters()):
         assert torch.equal(a, b)
+    cfg.MODEL.BLOCKCOPY.POLICY_WEIGHTS = str(tmp_path / "missing.pt")
     with pytest.raises(FileNotFoundError, match="POLICY_WEIGHTS"):
-        build_model(config("retinanet", True, POLICY_WEIGHTS=str(tmp_path / "missing.pt")))
+        load_weights(cfg, resumed)
 
 
 @pytest.mark.parametrize("keys, error, message", [

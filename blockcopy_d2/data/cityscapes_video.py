@@ -31,9 +31,12 @@ import logging
 import os
 from typing import Any, Sequence
 
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog, DatasetMapper, MetadataCatalog
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation import (CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOEvaluator,
+                                   DatasetEvaluator, DatasetEvaluators)
+
+from .catalog import register_video_dataset_type
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +276,48 @@ def register_cityscapes_video(root: str | os.PathLike | None = None) -> list[str
             DatasetCatalog.register(name, functools.partial(load_cityscapes_video, root, split, task))
             MetadataCatalog.get(name).set(**metadata)
             names.append(name)
+            if task == "instance_seg":  # COCO-style AP needs ground truth of the annotated frames only
+                annotated = f"{name}{ANNOTATED_SUFFIX}"
+                for catalog in (DatasetCatalog, MetadataCatalog):
+                    if annotated in catalog:
+                        catalog.remove(annotated)
+                DatasetCatalog.register(annotated, functools.partial(_annotated_frames_of, name))
+                MetadataCatalog.get(annotated).set(**dict(metadata, evaluator_type="coco"))
     return names
+
+
+ANNOTATED_SUFFIX = "_annotated"
+"""``cityscapes_video_fine_instance_seg_<split>_annotated``: the annotated frames alone (registered beside
+each instance dataset), the ground truth of Detectron2's ``COCOEvaluator``."""
+
+
+def _annotated_frames_of(name: str) -> list[dict]:
+    return [d for d in DatasetCatalog.get(name) if d["annotated"]]
+
+
+def build_cityscapes_video_evaluator(cfg, dataset_name: str, output_dir: str | None) -> DatasetEvaluator:
+    """The evaluator of a Cityscapes video dataset, fed the annotated frames only.
+
+    Instance datasets: Detectron2's ``CityscapesInstanceEvaluator`` (mask AP and AP50 by the official
+    script; with ``MODEL.MASK_ON``) and ``COCOEvaluator`` (COCO-style box and mask AP with pycocotools).
+    Semantic datasets: ``CityscapesSemSegEvaluator`` (mIoU). The Cityscapes evaluators run on a single
+    machine only (Detectron2's restriction); cityscapesscripts writes its ``matches.json`` to the working
+    directory.
+    """
+    evaluator_type = MetadataCatalog.get(dataset_name).evaluator_type
+    if evaluator_type == "cityscapes_sem_seg":
+        return AnnotatedFramesEvaluator(CityscapesSemSegEvaluator(dataset_name))
+    tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+    evaluators = [COCOEvaluator(f"{dataset_name}{ANNOTATED_SUFFIX}", tasks=tasks, output_dir=output_dir)]
+    if cfg.MODEL.MASK_ON:
+        evaluators.insert(0, CityscapesInstanceEvaluator(dataset_name))
+    return AnnotatedFramesEvaluator(DatasetEvaluators(evaluators))
+
+
+register_video_dataset_type("cityscapes_instance", lambda cfg: DatasetMapper(cfg, is_train=False),
+                            build_cityscapes_video_evaluator)
+register_video_dataset_type("cityscapes_sem_seg", lambda cfg: DatasetMapper(cfg, is_train=False),
+                            build_cityscapes_video_evaluator)
 
 
 class AnnotatedFramesEvaluator(DatasetEvaluator):

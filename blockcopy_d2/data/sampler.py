@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Iterator, Sequence
 
+import torch
 import torch.utils.data as torchdata
 from detectron2.data import DatasetCatalog, DatasetFromList, DatasetMapper, MapDataset
 from detectron2.data.build import trivial_batch_collator
@@ -183,6 +184,8 @@ def build_clip_test_loader(cfg, dataset_name: str, clips_per_batch: int = 1,
     if mapper is None:
         mapper = DatasetMapper(cfg, is_train=False)
     dataset = MapDataset(DatasetFromList(dataset_dicts, copy=False), _NoSkipMapper(mapper))
+    # A private generator for the workers' seeds: iterating the loader leaves torch's global RNG, which
+    # the block policy samples from, untouched (so runs repeat exactly).
     return torchdata.DataLoader(dataset, batch_sampler=batch_sampler,
                                 num_workers=cfg.DATALOADER.NUM_WORKERS,
-                                collate_fn=trivial_batch_collator)
+                                collate_fn=trivial_batch_collator, generator=torch.Generator().manual_seed(0))

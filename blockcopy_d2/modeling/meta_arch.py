@@ -10,9 +10,6 @@ Inference only: train the plain model and load its checkpoint, which loads uncha
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 import torch.nn.functional as F
 from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN, RetinaNet, SemanticSegmentor
 from detectron2.modeling.postprocessing import sem_seg_postprocess
@@ -24,15 +21,17 @@ from blockcopy_core.engine import BlockSparseModel, convert
 
 from ..config import blockcopy_config
 from .adapters import InstancesAdapter, input_format
+from ..video import VideoMetaArch
 from .backbone import BlockCopyBackbone
 
 
-class BlockCopyMetaArch:
+class BlockCopyMetaArch(VideoMetaArch):
     """What the BlockCopy meta-architectures share; mixed in before a Detectron2 meta-architecture.
 
     ``self.blockcopy`` (a :class:`BlockCopy`: the policy, its optimiser and the statistics) is not a
     child module, so the model's ``state_dict`` is the plain model's; ``.to()`` moves it with the model.
-    Save and load it with ``self.blockcopy.state_dict()`` (``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one).
+    Save it with ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
+    (:func:`blockcopy_d2.engine.load_weights`).
     """
 
     def _init_blockcopy(self, cfg, adapter: OutputAdapter) -> None:
@@ -46,13 +45,19 @@ class BlockCopyMetaArch:
                                                 if isinstance(m, BlockSparseModel) and m is not self.backbone])
         for head in self._followers:
             head.bind(self.backbone)
-        weights = cfg.MODEL.BLOCKCOPY.POLICY_WEIGHTS
-        if weights and not Path(weights).is_file():
-            raise FileNotFoundError(f"MODEL.BLOCKCOPY.POLICY_WEIGHTS: no file {weights}")
-        self._policy_weights = weights  # loaded on the first frame, on the model's device
-        self._clip_ids: tuple | None = None
+        self._init_video()
+        self._inputs: list[dict] = []
         self._image_sizes: list | None = None
         self.eval()
+
+    @property
+    def runner(self) -> BlockCopy:
+        return self.blockcopy
+
+    def reset(self) -> None:
+        super().reset()
+        for head in self._followers:
+            head.reset()
 
     def train(self, mode: bool = True):
         if mode:
@@ -68,23 +73,12 @@ class BlockCopyMetaArch:
 
     def _select(self, batched_inputs: list[dict], images: ImageList) -> None:
         """Start a new clip if the inputs say so, choose the frame's blocks and bind them to the backbone."""
-        if self._policy_weights:
-            device = next(self.blockcopy.policy.parameters(), torch.empty(0)).device
-            self.blockcopy.load_state_dict(torch.load(self._policy_weights, map_location=device))
-            self._policy_weights = ""
-        clip_ids = tuple(x.get("clip_id") for x in batched_inputs)
-        new_clip = None in clip_ids or clip_ids != self._clip_ids or any(
-            x.get("frame_index") == 0 for x in batched_inputs)
-        if new_clip:
-            self.blockcopy.reset()
-            for head in self._followers:
-                head.reset()
-        self._clip_ids = clip_ids
-        self._image_sizes = images.image_sizes
+        self._start_time_step(batched_inputs)
+        self._inputs, self._image_sizes = batched_inputs, images.image_sizes
         self.backbone.bind(self.blockcopy.select(images.tensor))
 
     def _observe(self, result) -> None:
-        self.blockcopy.observe(result)
+        self._count(self.blockcopy.observe(result), self._inputs)
 
 
 @META_ARCH_REGISTRY.register()

@@ -1,0 +1,61 @@
+"""What every video meta-architecture of blockcopy_d2 shares: clips and statistics.
+
+A batch of Detectron2 inputs is one time step of N streams. Inputs carry the video fields ``clip_id``
+(str), ``frame_index`` and ``annotated`` (bool: the frame is scored); a new clip starts whenever the
+batch's clip ids differ from the previous call's, and inputs without a ``clip_id`` are each a clip of
+their own (every frame then runs completely).
+"""
+from __future__ import annotations
+
+from blockcopy_core.blockcopy import RunStatistics, StepResult
+
+
+class VideoMetaArch:
+    """Mixin for meta-architectures that run over video clips.
+
+    Subclasses provide :attr:`runner` (a :class:`blockcopy_core.BlockCopy` or
+    :class:`blockcopy_core.protocol.DenseRunner`: ``reset()``, ``statistics``, ``reset_statistics()``),
+    call :meth:`_init_video` in their constructor, :meth:`_start_time_step` before running a batch and
+    :meth:`_count` with the batch's :class:`StepResult` after it.
+
+    Attributes:
+        annotated_statistics, unannotated_statistics: :class:`RunStatistics` of the time steps whose batch
+            holds an annotated (scored) frame, and of the others, since :meth:`reset_statistics`.
+    """
+
+    def _init_video(self) -> None:
+        self._clip_ids: tuple | None = None
+        self.annotated_statistics = RunStatistics()
+        self.unannotated_statistics = RunStatistics()
+
+    @property
+    def runner(self):
+        """The object that runs the time steps and counts them."""
+        raise NotImplementedError
+
+    @property
+    def statistics(self) -> RunStatistics:
+        """The runner's totals over every time step since :meth:`reset_statistics`."""
+        return self.runner.statistics
+
+    def reset_statistics(self) -> None:
+        """Restart all counts (the runner's and the annotated/unannotated split)."""
+        self.annotated_statistics = RunStatistics()
+        self.unannotated_statistics = RunStatistics()
+        self.runner.reset_statistics()
+
+    def reset(self) -> None:
+        """Start new clips: the next time step runs every block."""
+        self._clip_ids = None
+        self.runner.reset()
+
+    def _start_time_step(self, batched_inputs: list[dict]) -> None:
+        """Start a new clip if the batch's clip ids say so."""
+        clip_ids = tuple(item.get("clip_id") for item in batched_inputs)
+        if None in clip_ids or clip_ids != self._clip_ids:
+            self.reset()
+        self._clip_ids = None if None in clip_ids else clip_ids
+
+    def _count(self, step: StepResult, batched_inputs: list[dict]) -> None:
+        annotated = any(item.get("annotated", True) for item in batched_inputs)
+        (self.annotated_statistics if annotated else self.unannotated_statistics).add(step)
