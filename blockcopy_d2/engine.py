@@ -50,6 +50,7 @@ from blockcopy_core.protocol import warm_up
 
 from .data.catalog import video_dataset_type
 from .data.sampler import build_clip_test_loader, clips_of
+from .video import VideoMetaArch
 
 __all__ = ["build_video_evaluator", "evaluate_video_dataset", "load_weights", "save_policy", "seed_for_policy",
            "statistics_summary", "warm_up_policy", "write_results"]
@@ -204,17 +205,19 @@ def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: s
     mapper = video_dataset_type(dataset_name).build_mapper(cfg)
     loader = build_clip_test_loader(cfg, dataset_name, cfg.TEST.CLIPS_PER_BATCH, mapper)
     evaluator = build_video_evaluator(cfg, dataset_name)
-    model.reset()
-    model.reset_statistics()
+    video = isinstance(model, VideoMetaArch)  # a plain Detectron2 model (a dense reference) has no statistics
+    if video:
+        model.reset()
+        model.reset_statistics()
     started = time.perf_counter()
     metrics = inference_on_dataset(model, _Progress(loader, dataset_name), evaluator)
     wall = time.perf_counter() - started
-    annotated = comm.gather(model.annotated_statistics)
-    unannotated = comm.gather(model.unannotated_statistics)
+    annotated = comm.gather(model.annotated_statistics if video else RunStatistics())
+    unannotated = comm.gather(model.unannotated_statistics if video else RunStatistics())
     if not comm.is_main_process():
         return {}
     result = {
-        "metrics": _without_nan(_plain(metrics)),
+        "metrics": metrics,  # as the evaluator returned them (NaN where a class has no ground truth)
         "statistics": statistics_summary(_merged(annotated)),
         "unannotated_statistics": statistics_summary(_merged(unannotated)),
         "wall_seconds": wall,

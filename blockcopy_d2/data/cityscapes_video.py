@@ -299,7 +299,8 @@ def build_cityscapes_video_evaluator(cfg, dataset_name: str, output_dir: str | N
     """The evaluator of a Cityscapes video dataset, fed the annotated frames only.
 
     Instance datasets: Detectron2's ``CityscapesInstanceEvaluator`` (mask AP and AP50 by the official
-    script; with ``MODEL.MASK_ON``) and ``COCOEvaluator`` (COCO-style box and mask AP with pycocotools).
+    script, reported as ``cityscapes_segm``; with ``MODEL.MASK_ON``) and ``COCOEvaluator`` (COCO-style box
+    and mask AP with pycocotools, ``bbox`` and ``segm``).
     Semantic datasets: ``CityscapesSemSegEvaluator`` (mIoU). The Cityscapes evaluators run on a single
     machine only (Detectron2's restriction); cityscapesscripts writes its ``matches.json`` to the working
     directory.
@@ -310,8 +311,28 @@ def build_cityscapes_video_evaluator(cfg, dataset_name: str, output_dir: str | N
     tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
     evaluators = [COCOEvaluator(f"{dataset_name}{ANNOTATED_SUFFIX}", tasks=tasks, output_dir=output_dir)]
     if cfg.MODEL.MASK_ON:
-        evaluators.insert(0, CityscapesInstanceEvaluator(dataset_name))
+        evaluators.insert(0, _RenamedTask(CityscapesInstanceEvaluator(dataset_name), "segm", "cityscapes_segm"))
     return AnnotatedFramesEvaluator(DatasetEvaluators(evaluators))
+
+
+class _RenamedTask(DatasetEvaluator):
+    """An evaluator whose result ``task`` is reported as ``name`` (both the official Cityscapes script
+    and COCOEvaluator call theirs ``segm``, and Detectron2's ``DatasetEvaluators`` needs distinct keys)."""
+
+    def __init__(self, evaluator: DatasetEvaluator, task: str, name: str):
+        self.evaluator, self.task, self.name = evaluator, task, name
+
+    def reset(self) -> None:
+        self.evaluator.reset()
+
+    def process(self, inputs, outputs) -> None:
+        self.evaluator.process(inputs, outputs)
+
+    def evaluate(self):
+        results = self.evaluator.evaluate()
+        if results is None:  # not the main process
+            return None
+        return {self.name if key == self.task else key: value for key, value in results.items()}
 
 
 register_video_dataset_type("cityscapes_instance", lambda cfg: DatasetMapper(cfg, is_train=False),
