@@ -25,14 +25,17 @@ BASES = {
 }
 
 
-def config(kind: str, blockcopy: bool, **keys):
+CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))
+
+
+def config(kind: str, blockcopy: bool, device: str = "cpu", **keys):
     """A model-zoo config made small (ResNet-18, 64 FPN channels, few detections); with ``blockcopy``
     switched to BlockCopy by names and MODEL.BLOCKCOPY keys only, as a user's YAML does."""
     cfg = get_cfg()
     add_blockcopy_config(cfg)
     base, meta_arch = BASES[kind]
     cfg.merge_from_file(model_zoo.get_config_file(base))
-    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DEVICE = device
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18
     cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
@@ -53,11 +56,11 @@ def config(kind: str, blockcopy: bool, **keys):
     return cfg
 
 
-def models(kind: str, **keys):
+def models(kind: str, device: str = "cpu", **keys):
     """The plain model and its BlockCopy twin holding the same (random) weights, in eval mode."""
     torch.manual_seed(0)
-    plain = build_model(config(kind, False)).eval()
-    blockcopy = build_model(config(kind, True, **keys))
+    plain = build_model(config(kind, False, device)).eval()
+    blockcopy = build_model(config(kind, True, device, **keys))
     blockcopy.load_state_dict(plain.state_dict(), strict=True)
     return plain, blockcopy
 
@@ -100,19 +103,23 @@ def test_all_policy_equals_the_plain_model_frame_after_frame(kind):
     assert stats.frames == 3 and stats.executed_fraction == 1.0
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("kind", ["retinanet", "semantic"])
 @pytest.mark.parametrize("policy", ["random", "rl"])
-def test_static_clip_equals_dense_for_any_policy(kind, policy):
-    """Nothing changes, so copied features are what the model would compute: the output is dense's."""
-    plain, blockcopy = models(kind, POLICY=policy, TARGET=0.5)
+def test_static_clip_equals_dense_for_any_policy(kind, policy, device):
+    """Nothing changes, so copied features are what the model would compute: the output is dense's (on
+    CUDA: block-sparse frames replayed from CUDA graphs, with bucket extras)."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    plain, blockcopy = models(kind, device, POLICY=policy, TARGET=0.5)
     with torch.no_grad():
         for batch in clip(4, static=True):
             assert_same_outputs(blockcopy(batch), plain(batch), tol=1e-4)
     assert blockcopy.blockcopy.statistics.policy_executed_fraction < 1.0
 
 
-def test_sparse_frames_run_the_policy_and_follow_clips():
-    _, blockcopy = models("mask_rcnn", POLICY="random", TARGET=0.5)
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+def test_sparse_frames_run_the_policy_and_follow_clips(device):
+    _, blockcopy = models("mask_rcnn", device, POLICY="random", TARGET=0.5)
     head = blockcopy.proposal_generator.rpn_head
     with torch.no_grad():
         for batch in clip(3, "a", streams=2) + clip(2, "b", streams=2):

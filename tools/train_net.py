@@ -63,7 +63,7 @@ def main(args):
     for dataset_name in cfg.DATASETS.TEST:
         results["datasets"][dataset_name] = evaluate_video_dataset(cfg, model, dataset_name)
     policy = save_policy(cfg, model)
-    results["policy_weights"] = None if policy is None else str(policy)
+    results["policy_weights"] = None if policy is None else policy.name  # beside results.json
     path = write_results(cfg, model, results)
     if path is not None:
         for result in results["datasets"].values():
