@@ -6,10 +6,12 @@
   progress bar; yields every step so the caller can score it.
 * :func:`warm_up`: the policy's training before evaluation (method.md section 4: the policy is first
   trained on training clips, then keeps learning online): a number of clips drawn in epochs of random
-  order.
+  order (:func:`warmup_order`);
+* :func:`without_nan`: results made fit for JSON.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
@@ -150,3 +152,15 @@ def warm_up(runner: Runner, clips: Sequence[Sequence[Any]], num_clips: int, *, s
         pass
     runner.reset()
     runner.reset_statistics()
+
+
+def without_nan(value: Any) -> Any:
+    """``value`` (nested dicts and lists) with every NaN float replaced by None: plain JSON has no NaN, and
+    a results file should say "not measured" rather than hold an invalid number."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_nan(item) for item in value]
+    return value

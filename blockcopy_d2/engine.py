@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from dataclasses import fields
 from datetime import datetime, timezone
@@ -46,7 +45,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from blockcopy_core.blockcopy import RunStatistics
-from blockcopy_core.protocol import warm_up
+from blockcopy_core.protocol import warm_up, without_nan
 
 from .data.catalog import video_dataset_type
 from .data.sampler import build_clip_test_loader, clips_of
@@ -192,7 +191,7 @@ def statistics_summary(statistics: RunStatistics) -> dict[str, Any]:
     summary = statistics.as_dict()
     if statistics.frames:
         summary["policy_gmacs_per_frame"] = statistics.policy_macs / 1e9 / statistics.frames
-    return _without_nan(summary)
+    return without_nan(summary)
 
 
 def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: str) -> dict[str, Any]:
@@ -267,7 +266,7 @@ def write_results(cfg: CfgNode, model: torch.nn.Module, results: dict[str, Any])
         "torch_threads": torch.get_num_threads(),
         "seed": cfg.SEED,
         "blockcopy": _plain(cfg.MODEL.BLOCKCOPY) if hasattr(model, "blockcopy") else None,
-        **_without_nan(_plain(results)),
+        **without_nan(_plain(results)),
     }
     with open(path, "w") as handle:
         json.dump(document, handle, indent=2)
@@ -282,14 +281,4 @@ def _plain(value: Any) -> Any:
         return [_plain(item) for item in value]
     if isinstance(value, Path):
         return str(value)
-    return value
-
-
-def _without_nan(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_nan(item) for item in value]
     return value

@@ -51,7 +51,7 @@ from blockcopy_core.data import (VideoReader, VideoWriter, boxes_for_frames, loa
 from blockcopy_core.evaluation import (average_precision_50, detection_agreement,  # noqa: E402
                                        log_average_miss_rate)
 from blockcopy_core.models.centernet import PERSON_CLASS, load_centernet  # noqa: E402
-from blockcopy_core.protocol import DenseRunner, run_clips, warm_up  # noqa: E402
+from blockcopy_core.protocol import DenseRunner, run_clips, warm_up, without_nan  # noqa: E402
 from blockcopy_core.visualize import blockcopy_mosaic  # noqa: E402
 
 BLOCK_SIZE = 64
@@ -254,17 +254,6 @@ def plot(rows: list[dict], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def without_nan(value):
-    """``value`` with every NaN float replaced by None (plain JSON has no NaN)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [without_nan(item) for item in value]
-    return value
 
 
 def machine_description(device: str) -> dict:
