@@ -54,6 +54,10 @@ def add_blockcopy_config(cfg: CN) -> None:
     _C.POLICY_WEIGHTS = ""
     # Detections below this score are ignored by the information gain and the policy's input masks.
     _C.IG_SCORE_THRESHOLD = 0.3
+    # Each evaluation clip starts from the warmed-up policy, its samples seeded by the clip id: results no
+    # longer depend on the order or the process of the clips (several GPUs give one GPU's results), at the
+    # price of the method's online learning across clips (it still learns within each clip).
+    _C.INDEPENDENT_CLIPS = False
     # Video evaluation: this many clips run at once, as as many streams of one batch.
     cfg.TEST.CLIPS_PER_BATCH = 1
 

@@ -63,14 +63,14 @@ def build_video_evaluator(cfg: CfgNode, dataset_name: str, output_folder: str | 
 
 
 def seed_for_policy(cfg: CfgNode) -> int:
-    """Seed torch, numpy and random with ``cfg.SEED`` (+ rank, as ``default_setup``); call right before
-    ``build_model``, whose block policy draws its initial weights first. Returns the seed used (with
+    """Seed torch, numpy and random with ``cfg.SEED``; call right before ``build_model``, whose block policy
+    draws its initial weights first. Every process gets the same seed (unlike ``default_setup``'s seed +
+    rank), so all start from the same policy and warm up identically. Returns the seed used (with
     ``SEED < 0`` the one ``default_setup`` drew, left in place)."""
     if cfg.SEED < 0:
         return torch.initial_seed() % 2**31
-    seed = cfg.SEED + comm.get_rank()
-    seed_all_rng(seed)
-    return seed
+    seed_all_rng(cfg.SEED)
+    return cfg.SEED
 
 
 def load_weights(cfg: CfgNode, model: torch.nn.Module) -> None:
@@ -208,6 +208,8 @@ def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: s
     if video:
         model.reset()
         model.reset_statistics()
+        if cfg.MODEL.BLOCKCOPY.INDEPENDENT_CLIPS:
+            model.start_clips_from_current_policy()
     started = time.perf_counter()
     metrics = inference_on_dataset(model, _Progress(loader, dataset_name), evaluator)
     wall = time.perf_counter() - started

@@ -7,6 +7,11 @@ their own (every frame then runs completely).
 """
 from __future__ import annotations
 
+import copy
+import zlib
+
+import torch
+
 from blockcopy_core.blockcopy import RunStatistics, StepResult
 
 
@@ -25,6 +30,7 @@ class VideoMetaArch:
 
     def _init_video(self) -> None:
         self._clip_ids: tuple | None = None
+        self._clip_start_policy: dict | None = None
         self.annotated_statistics = RunStatistics()
         self.unannotated_statistics = RunStatistics()
 
@@ -49,11 +55,22 @@ class VideoMetaArch:
         self._clip_ids = None
         self.runner.reset()
 
+    def start_clips_from_current_policy(self) -> None:
+        """From now on every clip starts from the block policy as it is now (e.g. after the warm-up), its
+        samples seeded by the clip ids, so that a clip's results do not depend on the clips run before it
+        (``MODEL.BLOCKCOPY.INDEPENDENT_CLIPS``). Nothing for a model without a learned policy."""
+        blockcopy = getattr(self, "blockcopy", None)
+        if blockcopy is not None and any(True for _ in blockcopy.policy.parameters()):
+            self._clip_start_policy = copy.deepcopy(blockcopy.state_dict())
+
     def _start_time_step(self, batched_inputs: list[dict]) -> None:
         """Start a new clip if the batch's clip ids say so."""
         clip_ids = tuple(item.get("clip_id") for item in batched_inputs)
         if None in clip_ids or clip_ids != self._clip_ids:
             self.reset()
+            if self._clip_start_policy is not None:
+                self.blockcopy.load_state_dict(self._clip_start_policy)
+                torch.manual_seed(zlib.crc32(repr(clip_ids).encode()))
         self._clip_ids = None if None in clip_ids else clip_ids
 
     def _count(self, step: StepResult, batched_inputs: list[dict]) -> None:

@@ -2,6 +2,9 @@
 (random weights, ResNet-18 trunks, CPU): BlockCopy Mask R-CNN and semantic FPN, and the dense twin."""
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -64,3 +67,26 @@ def test_dense_twin_end_to_end(cityscapes, tmp_path, monkeypatch):
     results = train_net("mask_rcnn_R_50_FPN_dense.yaml", tmp_path, monkeypatch)
     run = results["datasets"]["cityscapes_video_fine_instance_seg_val"]
     assert "AP" in run["metrics"]["segm"] and results["blockcopy"] is None and results["warmup"]["clips"] == 0
+
+
+def run_processes(processes: int, root, output) -> dict:
+    """train_net.py in its own process(es) through Detectron2's launch (gloo on the CPU)."""
+    command = [sys.executable, str(REPO_ROOT / "tools" / "train_net.py"), "--num-gpus", str(processes),
+               "--eval-only", "--config-file", str(CONFIGS / "faster_rcnn_R_50_FPN_blockcopy_tau0.3.yaml"), *SMALL,
+               "MODEL.WEIGHTS", "", "MODEL.BLOCKCOPY.INDEPENDENT_CLIPS", "True", "OUTPUT_DIR", str(output)]
+    env = {**os.environ, "DETECTRON2_DATASETS": str(root.parent), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=output, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((output / "results.json").read_text())
+
+
+def test_two_processes_give_the_results_of_one(cityscapes, tmp_path):
+    """Whole clips per process; with independent clips each clip's result is the same wherever it runs."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    single, double = run_processes(1, cityscapes, one), run_processes(2, cityscapes, two)
+    name = "cityscapes_video_fine_instance_seg_val"
+    assert "on rank 1" in (two / "log.txt").read_text() + (two / "log.txt.rank1").read_text()
+    assert double["datasets"][name]["metrics"] == single["datasets"][name]["metrics"]
+    for key in ("frames", "executed_fraction", "policy_selected_fraction", "gmacs_per_frame"):
+        assert double["datasets"][name]["statistics"][key] == single["datasets"][name]["statistics"][key], key
