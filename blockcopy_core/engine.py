@@ -352,7 +352,8 @@ class BlockSparseModel(nn.Module):
             raise InvalidInputError(
                 f"inputs changed mid-clip from {self._describe(self._geometry, self._input_format)} to "
                 f"{self._describe(geometry, input_format)}; call reset() to start a new clip")
-        finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all()
+        finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all() if len(inputs) > 1 \
+            else torch.isfinite(inputs[0]).all()
         executed, finite = torch.stack([grid.sum(), finite]).tolist()  # the one host read
         if not finite:
             raise InvalidInputError("the frame contains NaN or infinite values")
