@@ -36,15 +36,22 @@ from blockcopy_d2.engine import (evaluate_video_dataset, load_weights, save_poli
 logger = logging.getLogger("blockcopy_d2")
 
 
-def setup(args):
-    """Create the config from the file and the command-line opts, and run Detectron2's default setup."""
+def build_config(config_file: str, opts: list[str]):
+    """The frozen config of ``config_file`` and the ``KEY VALUE`` opts, with this repo's keys added
+    (also used by ``tools/demo.py``)."""
     cfg = get_cfg()
     add_blockcopy_config(cfg)
     add_centernet_config(cfg)
     add_pets09_config(cfg)
-    merge_config_file(cfg, args.config_file)  # _BASE_ may be a model-zoo config (detectron2://...)
-    cfg.merge_from_list(args.opts)
+    merge_config_file(cfg, config_file)  # _BASE_ may be a model-zoo config (detectron2://...)
+    cfg.merge_from_list(opts)
     cfg.freeze()
+    return cfg
+
+
+def setup(args):
+    """Create the config from the file and the command-line opts, and run Detectron2's default setup."""
+    cfg = build_config(args.config_file, args.opts)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="blockcopy_d2")
     configure_video_datasets(cfg)
