@@ -106,10 +106,10 @@ def test_all_policy_equals_the_plain_model_frame_after_frame(kind):
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("kind", ["retinanet", "semantic"])
 @pytest.mark.parametrize("policy", ["random", "rl"])
+@pytest.mark.usefixtures("no_tf32")
 def test_static_clip_equals_dense_for_any_policy(kind, policy, device):
     """Nothing changes, so copied features are what the model would compute: the output is dense's (on
     CUDA: block-sparse frames replayed from CUDA graphs, with bucket extras)."""
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     plain, blockcopy = models(kind, device, POLICY=policy, TARGET=0.5)
     with torch.no_grad():
         for batch in clip(4, static=True):

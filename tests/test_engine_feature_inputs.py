@@ -107,6 +107,7 @@ def test_stride_beyond_the_block_size_is_refused_and_formats_are_kept():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.usefixtures("no_tf32")
 def test_feature_inputs_with_cuda_graphs_match_the_cpu_engine():
     backbone, head = pyramid_and_head()
     cpu_backbone, cpu_head = bc.convert(backbone, BLOCK), bc.convert(head, BLOCK)
