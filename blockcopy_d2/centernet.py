@@ -251,8 +251,8 @@ class CenterNetMobileNetV3(_CenterNetMetaArch):
 class BlockCopyCenterNet(_CenterNetMetaArch):
     """CenterNet-MobileNetV3 executed block-sparse by BlockCopy (settings: ``cfg.MODEL.BLOCKCOPY``).
 
-    ``self.blockcopy`` (:class:`blockcopy_core.BlockCopy`, a child module: ``.to()`` moves the policy) owns
-    the policy and the converted detector (``self.blockcopy.sparse`` shares ``self.centernet``'s modules).
+    ``self.blockcopy`` (:class:`blockcopy_core.BlockCopy`, kept out of the ``state_dict`` but moved by
+    ``.to()``; see :class:`~blockcopy_d2.video.VideoMetaArch`) owns the policy and the converted detector (``self.blockcopy.sparse`` shares ``self.centernet``'s modules).
     Information gain and the policy's input masks come from the detections of ``MODEL.CENTERNET.IG_CLASSES``
     scoring at least ``MODEL.BLOCKCOPY.IG_SCORE_THRESHOLD``. The policy keeps learning while Detectron2
     evaluates (``MODEL.BLOCKCOPY.ONLINE_LEARNING``), whatever ``.eval()``/``torch.no_grad()`` say.
@@ -263,7 +263,7 @@ class BlockCopyCenterNet(_CenterNetMetaArch):
         super().__init__(cfg)
         config = blockcopy_config(cfg)
         self.size_divisibility = input_divisibility(config.block_size, NETWORK_DIVISIBILITY)
-        self.blockcopy = BlockCopy(self.centernet, self.adapter, config)
+        self._set_blockcopy(BlockCopy(self.centernet, self.adapter, config))
 
     @property
     def runner(self) -> BlockCopy:

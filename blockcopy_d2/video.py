@@ -21,7 +21,9 @@ class VideoMetaArch:
     Subclasses provide :attr:`runner` (a :class:`blockcopy_core.BlockCopy` or
     :class:`blockcopy_core.protocol.DenseRunner`: ``reset()``, ``statistics``, ``reset_statistics()``),
     call :meth:`_init_video` in their constructor, :meth:`_start_time_step` before running a batch and
-    :meth:`_count` with the batch's :class:`StepResult` after it.
+    :meth:`_count` with the batch's :class:`StepResult` after it. A block policy is kept as
+    ``self.blockcopy`` set with :meth:`_set_blockcopy`: not a child module, so the model's ``state_dict``
+    is the task model's (checkpoints load unchanged), yet ``.to()`` moves it with the model.
 
     Attributes:
         annotated_statistics, unannotated_statistics: :class:`RunStatistics` of the time steps whose batch
@@ -38,6 +40,15 @@ class VideoMetaArch:
     def runner(self):
         """The object that runs the time steps and counts them."""
         raise NotImplementedError
+
+    def _set_blockcopy(self, blockcopy) -> None:
+        object.__setattr__(self, "blockcopy", blockcopy)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if "blockcopy" in self.__dict__:
+            self.blockcopy._apply(fn, recurse)
+        return self
 
     @property
     def statistics(self) -> RunStatistics:

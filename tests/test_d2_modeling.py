@@ -209,3 +209,11 @@ def test_config_chain_errors_name_the_files(tmp_path):
         merge_config_file(cfg, str(child))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         merge_config_file(cfg, str(tmp_path / "nothing.yaml"))
+
+
+def test_policy_moves_with_the_model_but_stays_out_of_its_state_dict():
+    _, blockcopy = models("retinanet", POLICY="rl")
+    assert not any(key.startswith("blockcopy.") for key in blockcopy.state_dict())
+    blockcopy.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in blockcopy.blockcopy.policy.parameters())
+    assert all(p.dtype == torch.float64 for p in blockcopy.parameters())

@@ -29,8 +29,7 @@ class BlockCopyMetaArch(VideoMetaArch):
     """What the BlockCopy meta-architectures share; mixed in before a Detectron2 meta-architecture.
 
     ``self.blockcopy`` (a :class:`BlockCopy`: the policy, its optimiser and the statistics) is not a
-    child module, so the model's ``state_dict`` is the plain model's; ``.to()`` moves it with the model.
-    Save it with ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
+    child module (:class:`VideoMetaArch`), so the model's ``state_dict`` is the plain model's. Save it with ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
     (:func:`blockcopy_d2.engine.load_weights`).
     """
 
@@ -40,7 +39,7 @@ class BlockCopyMetaArch(VideoMetaArch):
                              "backbone to wrap goes in MODEL.BLOCKCOPY.BACKBONE), got "
                              f"{cfg.MODEL.BACKBONE.NAME!r}")
         config = blockcopy_config(cfg)
-        object.__setattr__(self, "blockcopy", BlockCopy(self.backbone, adapter, config))
+        self._set_blockcopy(BlockCopy(self.backbone, adapter, config))
         object.__setattr__(self, "_followers", [m for m in self.modules()
                                                 if isinstance(m, BlockSparseModel) and m is not self.backbone])
         for head in self._followers:
@@ -64,12 +63,6 @@ class BlockCopyMetaArch(VideoMetaArch):
             raise NotImplementedError(f"{type(self).__name__} runs inference only: train the plain Detectron2 "
                                       "model and load its checkpoint (it loads unchanged)")
         return super().train(False)
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if "blockcopy" in self.__dict__:
-            self.blockcopy._apply(fn, recurse)
-        return self
 
     def _select(self, batched_inputs: list[dict], images: ImageList) -> None:
         """Start a new clip if the inputs say so, choose the frame's blocks and bind them to the backbone."""
