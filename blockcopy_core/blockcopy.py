@@ -36,7 +36,8 @@ STAGES = ("policy", "network", "sparse_overhead", "postprocess", "information_ga
 the engine's own work around it (tile gathers and scatters, state writes, tile indexing); adapter
 decoding and O_t painting; IG map and block pooling; policy observe (rewards, and backward + optimiser
 step on update frames). With select/observe, ``network`` is the caller's work between the two calls
-(unless the caller reports its own split) and ``postprocess`` the O_t painting. The engine's work can be timed apart only on frames that run eagerly (CPU, or
+(unless the caller reports its own split) and ``postprocess`` the O_t painting. The engine's work can be
+timed apart only on frames that run eagerly (CPU, or
 CUDA without CUDA graphs): on a CUDA-graph frame it stays inside ``network`` and the frame has no
 ``sparse_overhead`` entry."""
 
@@ -98,6 +99,19 @@ class RunStatistics:
     policy_macs: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
     untimed_overhead_frames: int = 0
+
+    @classmethod
+    def total(cls, parts: "list[RunStatistics]") -> "RunStatistics":
+        """The sums of several counts (e.g. those of the processes of a multi-GPU run)."""
+        total = cls()
+        for part in parts:
+            for name, value in vars(part).items():
+                if isinstance(value, dict):
+                    for stage, seconds in value.items():
+                        total.seconds[stage] = total.seconds.get(stage, 0.0) + seconds
+                else:
+                    setattr(total, name, getattr(total, name) + value)
+        return total
 
     def add(self, step: StepResult) -> None:
         """Count one step."""

@@ -26,8 +26,8 @@ Weights: the model is built from the COCO TFJS graph files ``centernet.json``/``
 the shared ``models/centernet_mobilenetv3_coco`` folder (``$BLOCKCOPY_SHARED`` or ``../shared``) or
 the blockcopy cache; a missing file raises :class:`FileNotFoundError` naming the folders searched.
 ``cfg.MODEL.WEIGHTS`` is optional on top of that: a Detectron2 checkpoint (``.pth``/``.pkl``) of the
-task model alone, keys as in ``model.centernet.state_dict()`` (``backbone.*``, ``head.*``), loaded by
-:func:`blockcopy_d2.engine.load_weights` with ``DetectionCheckpointer(model.centernet)``. The policy
+task model alone, keys as in ``model.task_model.state_dict()`` (``backbone.*``, ``head.*``), loaded by
+:func:`blockcopy_d2.engine.load_weights` with ``DetectionCheckpointer(model.task_model)``. The policy
 is not part of it: ``cfg.MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads ``model.blockcopy.state_dict()``.
 
 Pixels: the graph takes raw RGB 0..255 with no normalisation, so ``cfg.MODEL.PIXEL_MEAN`` must be
@@ -159,6 +159,11 @@ class _CenterNetMetaArch(VideoMetaArch, nn.Module):
             self.centernet = load_centernet(model_dir)
         self.adapter = build_centernet_adapter(cfg)
         self._init_video()
+
+    @property
+    def task_model(self) -> nn.Module:
+        """The detector alone: ``MODEL.WEIGHTS`` checkpoints hold its keys (``backbone.*``, ``head.*``)."""
+        return self.centernet
 
     @property
     def device(self) -> torch.device:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -78,11 +77,11 @@ def load_weights(cfg: CfgNode, model: torch.nn.Module) -> None:
 
     The meta-architecture already holds pretrained weights (for CenterNet, the COCO TFJS graph's), so an
     empty ``MODEL.WEIGHTS`` loads nothing; a path is a Detectron2 checkpoint of the task model alone
-    (``model.centernet``'s keys), read by ``DetectionCheckpointer``. ``POLICY_WEIGHTS`` is a file saved by
+    (the keys of ``model.task_model`` where the meta-architecture has one, e.g. CenterNet's detector), read by ``DetectionCheckpointer``. ``POLICY_WEIGHTS`` is a file saved by
     :func:`save_policy` (``model.blockcopy.state_dict()``).
     """
     if cfg.MODEL.WEIGHTS:
-        task_model = getattr(model, "centernet", model)
+        task_model = getattr(model, "task_model", model)  # the module the checkpoint's keys are relative to
         DetectionCheckpointer(task_model).load(cfg.MODEL.WEIGHTS)
     path = cfg.MODEL.BLOCKCOPY.POLICY_WEIGHTS
     if path:
@@ -171,21 +170,6 @@ class _Progress:
                 bar.update(len(batch))
 
 
-def _merged(statistics: list[RunStatistics]) -> RunStatistics:
-    """The totals of several processes' :class:`RunStatistics`."""
-    total = RunStatistics()
-    for item in statistics:
-        for field in fields(RunStatistics):
-            value = getattr(item, field.name)
-            if isinstance(value, dict):
-                merged = getattr(total, field.name)
-                for key, seconds in value.items():
-                    merged[key] = merged.get(key, 0.0) + seconds
-            else:
-                setattr(total, field.name, getattr(total, field.name) + value)
-    return total
-
-
 def statistics_summary(statistics: RunStatistics) -> dict[str, Any]:
     """``statistics.as_dict()`` plus the policy's GMACs per frame; NaN as None (plain JSON)."""
     summary = statistics.as_dict()
@@ -219,8 +203,8 @@ def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: s
         return {}
     result = {
         "metrics": metrics,  # as the evaluator returned them (NaN where a class has no ground truth)
-        "statistics": statistics_summary(_merged(annotated)),
-        "unannotated_statistics": statistics_summary(_merged(unannotated)),
+        "statistics": statistics_summary(RunStatistics.total(annotated)),
+        "unannotated_statistics": statistics_summary(RunStatistics.total(unannotated)),
         "wall_seconds": wall,
     }
     logger.info(f"{dataset_name}: {format_summary(result)}")

@@ -9,7 +9,7 @@ from torch import nn
 
 import blockcopy_core as bc
 from blockcopy_core.adapters import CenterNetAdapter, InputFormat
-from blockcopy_core.blockcopy import BlockCopy, task_parameters
+from blockcopy_core.blockcopy import BlockCopy, RunStatistics, task_parameters
 from blockcopy_core.config import BlockCopyConfig
 from blockcopy_core.policy import POLICIES, RandomPolicy, register_policy
 from blockcopy_core.protocol import DenseRunner, run_clips, warm_up
@@ -428,3 +428,16 @@ def test_convert_then_cuda_half_runs_with_cuda_graphs(cast_through):
         torch.testing.assert_close(out.float().cpu(), expected, rtol=1e-2, atol=1e-2)  # fp16: 11-bit mantissa
     torch.testing.assert_close(model(video[0].cuda().half()).float().cpu(), cpu.model(video[0]),
                                rtol=1e-2, atol=1e-2)
+
+
+def test_statistics_of_several_runs_add_up():
+    runs = []
+    for frames in (3, 2):
+        runner = BlockCopy(tiny_model(), adapter(), block_size=BLOCK, policy="random")
+        for frame in clip(frames):
+            runner.step(frame)
+        runs.append(runner.statistics)
+    total = RunStatistics.total(runs)
+    assert (total.frames, total.full_frames) == (5, 2)
+    assert total.executed_blocks == runs[0].executed_blocks + runs[1].executed_blocks
+    assert total.seconds["network"] == pytest.approx(runs[0].seconds["network"] + runs[1].seconds["network"])

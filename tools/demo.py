@@ -36,9 +36,7 @@ for _path in (REPO_ROOT, TOOLS_DIR):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-import detectron2.data.transforms as T  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data import detection_utils as utils  # noqa: E402
 from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -46,7 +44,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from blockcopy_core.data import VideoReader, VideoWriter  # noqa: E402
 from blockcopy_core.visualize import draw_grid, put_label  # noqa: E402
-from blockcopy_d2.data import configure_video_datasets  # noqa: E402
+from blockcopy_d2.data import VideoFrameMapper, configure_video_datasets  # noqa: E402
 from blockcopy_d2.engine import load_weights, seed_for_policy  # noqa: E402
 from train_net import build_config  # noqa: E402  (tools/train_net.py: the same config setup)
 
@@ -129,23 +127,16 @@ class InputFrames:
 
 
 class FrameMapper:
-    """An RGB frame -> the model's input dict, as the datasets' test mappers make it (Detectron2's
-    ``DatasetMapper`` for Cityscapes, ``blockcopy_d2.data.VideoFrameMapper`` for PETS09): the image in
-    ``INPUT.FORMAT``, resized by ``detection_utils.build_augmentation(cfg, is_train=False)``
-    (``ResizeShortestEdge`` with ``INPUT.MIN_SIZE_TEST``/``MAX_SIZE_TEST``; 0 keeps the size), as a (3, H, W)
-    uint8 tensor; ``height``/``width`` the original size; the video fields of one clip."""
+    """An RGB frame -> the model's input dict, as the datasets' test mappers make it: the image from
+    :meth:`blockcopy_d2.data.VideoFrameMapper.to_image` (``INPUT.FORMAT``, the test resize), ``height`` /
+    ``width`` the original size, and the video fields of one clip."""
 
     def __init__(self, cfg, clip_id: str) -> None:
-        self.image_format = cfg.INPUT.FORMAT
-        self.augmentations = T.AugmentationList(utils.build_augmentation(cfg, is_train=False))
+        self.frames = VideoFrameMapper(cfg)
         self.clip_id = clip_id
 
     def __call__(self, rgb: np.ndarray, frame_index: int) -> dict[str, Any]:
-        image = utils.convert_PIL_to_numpy(Image.fromarray(rgb), self.image_format)
-        augmented = T.AugInput(image)
-        self.augmentations(augmented)
-        return {"image": torch.as_tensor(np.ascontiguousarray(augmented.image.transpose(2, 0, 1))),
-                "height": rgb.shape[0], "width": rgb.shape[1],
+        return {"image": self.frames.to_image(rgb), "height": rgb.shape[0], "width": rgb.shape[1],
                 "clip_id": self.clip_id, "frame_index": frame_index, "annotated": True}
 
 

@@ -227,12 +227,16 @@ class VideoFrameMapper:
         if not Path(path).is_file():
             raise FileNotFoundError(f"video file not found: {path}")
         reader = self._readers.setdefault(path, _ForwardReader(path))
-        rgb = reader.read(record["video_frame"])
+        record["image"] = self.to_image(reader.read(record["video_frame"]))
+        return record
+
+    def to_image(self, rgb: np.ndarray) -> torch.Tensor:
+        """An (H, W, 3) uint8 RGB frame -> the model's (3, H', W') uint8 image: ``INPUT.FORMAT`` channel
+        order, resized by the test augmentation."""
         image = np.ascontiguousarray(rgb[:, :, ::-1]) if self.image_format == "BGR" else rgb
         augmented = T.AugInput(image)
         self.augmentations(augmented)
-        record["image"] = torch.as_tensor(np.ascontiguousarray(augmented.image.transpose(2, 0, 1)))
-        return record
+        return torch.as_tensor(np.ascontiguousarray(augmented.image.transpose(2, 0, 1)))
 
 
 class PETS09Evaluator(DatasetEvaluator):
