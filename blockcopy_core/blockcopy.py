@@ -177,6 +177,7 @@ class RunStatistics:
             "policy_selected_fraction": self.policy_selected_fraction,
             "gmacs_per_frame": self.gmacs_per_frame(),
             "network_gmacs_per_frame": self.gmacs_per_frame(include_policy=False),
+            "policy_gmacs_per_frame": self.policy_macs / 1e9 / self.frames if self.frames else float("nan"),
             "ms_per_frame": self.ms_per_frame(),
         }
 

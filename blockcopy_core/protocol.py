@@ -7,7 +7,7 @@
 * :func:`warm_up`: the policy's training before evaluation (method.md section 4: the policy is first
   trained on training clips, then keeps learning online): a number of clips drawn in epochs of random
   order (:func:`warmup_order`);
-* :func:`without_nan`: results made fit for JSON.
+* :func:`without_nan`: results made fit for JSON; :func:`format_statistics`: a run's statistics in one line.
 """
 from __future__ import annotations
 
@@ -152,6 +152,16 @@ def warm_up(runner: Runner, clips: Sequence[Sequence[Any]], num_clips: int, *, s
         pass
     runner.reset()
     runner.reset_statistics()
+
+
+def format_statistics(summary: dict[str, Any]) -> str:
+    """One line from :meth:`RunStatistics.as_dict` (after :func:`without_nan`): executed (and selected)
+    fraction, GMACs per frame (network + policy) and ms per frame of each stage."""
+    times = ", ".join(f"{stage} {'n/a' if ms is None else f'{ms:.2f}'}" for stage, ms in summary["ms_per_frame"].items())
+    selected = summary["policy_selected_fraction"]
+    return (f"executed {summary['executed_fraction']:.3f}" + ("" if selected is None else f" (selected {selected:.3f})")
+            + f", GMACs/frame {summary['gmacs_per_frame']:.3f} (network {summary['network_gmacs_per_frame']:.3f} + "
+            f"policy {summary['policy_gmacs_per_frame']:.3f}), ms/frame: {times}")
 
 
 def without_nan(value: Any) -> Any:

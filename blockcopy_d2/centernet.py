@@ -53,13 +53,14 @@ from detectron2.structures import Boxes, Instances
 
 from blockcopy_core.adapters import STREET_CLASSES, CenterNetAdapter
 from blockcopy_core.blockcopy import BlockCopy, StepResult
+from blockcopy_core.clips import VideoModel
 from blockcopy_core.config import input_divisibility
 from blockcopy_core.models.centernet import MODEL_FILES, MODEL_SUBDIR, NPM_PACKAGE, NUM_CLASSES, load_centernet
 from blockcopy_core.paths import cache_dir, shared_dir
 from blockcopy_core.protocol import DenseRunner
 
 from .config import blockcopy_config
-from .video import VideoMetaArch
+from .inputs import clip_ids_of, is_annotated
 
 __all__ = ["BlockCopyCenterNet", "CenterNetMobileNetV3", "TRAINING_NOT_SUPPORTED", "add_centernet_config",
            "centernet_model_dir"]
@@ -131,7 +132,7 @@ def build_centernet_adapter(cfg: CN) -> CenterNetAdapter:
                             max_detections=node.MAX_DETECTIONS, decode_classes=decode)
 
 
-class _CenterNetMetaArch(VideoMetaArch, nn.Module):
+class _CenterNetMetaArch(VideoModel, nn.Module):
     """What both meta-architectures share: input conversion, clips, statistics, output Instances.
 
     Attributes:
@@ -198,10 +199,10 @@ class _CenterNetMetaArch(VideoMetaArch, nn.Module):
         """One time step of N streams (see the module docstring); returns one ``{"instances": ...}`` each."""
         if self.training:
             raise NotImplementedError(TRAINING_NOT_SUPPORTED)
-        self._start_time_step(batched_inputs)
+        self._start_time_step(clip_ids_of(batched_inputs))
         frames, sizes = self.preprocess(batched_inputs)
         step = self._step(frames)
-        self._count(step, batched_inputs)
+        self._count(step, is_annotated(batched_inputs))
         return [{"instances": self._instances(dets, size, item)}
                 for dets, size, item in zip(step.result, sizes, batched_inputs)]
 
@@ -257,7 +258,7 @@ class BlockCopyCenterNet(_CenterNetMetaArch):
     """CenterNet-MobileNetV3 executed block-sparse by BlockCopy (settings: ``cfg.MODEL.BLOCKCOPY``).
 
     ``self.blockcopy`` (:class:`blockcopy_core.BlockCopy`, kept out of the ``state_dict`` but moved by
-    ``.to()``; see :class:`~blockcopy_d2.video.VideoMetaArch`) owns the policy and the converted detector (``self.blockcopy.sparse`` shares ``self.centernet``'s modules).
+    ``.to()``; see :class:`~blockcopy_core.clips.VideoModel`) owns the policy and the converted detector (``self.blockcopy.sparse`` shares ``self.centernet``'s modules).
     Information gain and the policy's input masks come from the detections of ``MODEL.CENTERNET.IG_CLASSES``
     scoring at least ``MODEL.BLOCKCOPY.IG_SCORE_THRESHOLD``. The policy keeps learning while Detectron2
     evaluates (``MODEL.BLOCKCOPY.ONLINE_LEARNING``), whatever ``.eval()``/``torch.no_grad()`` say.

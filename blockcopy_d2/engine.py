@@ -9,7 +9,7 @@
   seed, loads ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` if set, and trains on ``MODEL.BLOCKCOPY.WARMUP_CLIPS``
   clips of ``DATASETS.TRAIN`` (drawn in epochs of random order by
   :func:`blockcopy_core.protocol.warm_up`) before evaluation;
-* a video meta-architecture (:class:`blockcopy_d2.video.VideoMetaArch`: CenterNet's and the BlockCopy
+* a video meta-architecture (:class:`blockcopy_core.clips.VideoModel`: CenterNet's and the BlockCopy
   R-CNN, RetinaNet and semantic FPN) starts a new clip when the batch's clip ids change and keeps
   ``statistics``, ``annotated_statistics`` and ``unannotated_statistics`` (:class:`RunStatistics` of
   all time steps, of those with a scored frame, of the others) and, with a block policy, ``blockcopy``;
@@ -44,14 +44,14 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from blockcopy_core.blockcopy import RunStatistics
-from blockcopy_core.protocol import warm_up, without_nan
+from blockcopy_core.clips import VideoModel
+from blockcopy_core.protocol import format_statistics, warm_up, without_nan
 
 from .data.catalog import video_dataset_type
 from .data.sampler import build_clip_test_loader, clips_of
-from .video import VideoMetaArch
 
 __all__ = ["build_video_evaluator", "evaluate_video_dataset", "load_weights", "save_policy", "seed_for_policy",
-           "statistics_summary", "warm_up_policy", "write_results"]
+           "warm_up_policy", "write_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,14 +170,6 @@ class _Progress:
                 bar.update(len(batch))
 
 
-def statistics_summary(statistics: RunStatistics) -> dict[str, Any]:
-    """``statistics.as_dict()`` plus the policy's GMACs per frame; NaN as None (plain JSON)."""
-    summary = statistics.as_dict()
-    if statistics.frames:
-        summary["policy_gmacs_per_frame"] = statistics.policy_macs / 1e9 / statistics.frames
-    return without_nan(summary)
-
-
 def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: str) -> dict[str, Any]:
     """Run ``model`` over ``dataset_name`` with ``inference_on_dataset`` and its evaluator.
 
@@ -188,7 +180,7 @@ def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: s
     mapper = video_dataset_type(dataset_name).build_mapper(cfg)
     loader = build_clip_test_loader(cfg, dataset_name, cfg.TEST.CLIPS_PER_BATCH, mapper)
     evaluator = build_video_evaluator(cfg, dataset_name)
-    video = isinstance(model, VideoMetaArch)  # a plain Detectron2 model (a dense reference) has no statistics
+    video = isinstance(model, VideoModel)  # a plain Detectron2 model (a dense reference) has no statistics
     if video:
         model.reset()
         model.reset_statistics()
@@ -203,8 +195,8 @@ def evaluate_video_dataset(cfg: CfgNode, model: torch.nn.Module, dataset_name: s
         return {}
     result = {
         "metrics": metrics,  # as the evaluator returned them (NaN where a class has no ground truth)
-        "statistics": statistics_summary(RunStatistics.total(annotated)),
-        "unannotated_statistics": statistics_summary(RunStatistics.total(unannotated)),
+        "statistics": without_nan(RunStatistics.total(annotated).as_dict()),
+        "unannotated_statistics": without_nan(RunStatistics.total(unannotated).as_dict()),
         "wall_seconds": wall,
     }
     logger.info(f"{dataset_name}: {format_summary(result)}")
@@ -219,12 +211,7 @@ def format_summary(result: dict[str, Any]) -> str:
                         for task, values in result["metrics"].items())
     if not stats.get("frames"):
         return metrics
-    times = ", ".join(f"{stage} {'n/a' if ms is None else f'{ms:.2f}'}" for stage, ms in stats["ms_per_frame"].items())
-    selected = stats["policy_selected_fraction"]
-    return (f"{metrics} | {stats['frames']} scored frames: executed {stats['executed_fraction']:.3f}"
-            + ("" if selected is None else f" (selected {selected:.3f})")
-            + f", GMACs/frame {stats['gmacs_per_frame']:.3f} (network {stats['network_gmacs_per_frame']:.3f} + "
-            f"policy {stats.get('policy_gmacs_per_frame', 0.0):.3f}), ms/frame: {times}")
+    return f"{metrics} | {stats['frames']} scored frames: {format_statistics(stats)}"
 
 
 def save_policy(cfg: CfgNode, model: torch.nn.Module) -> Path | None:

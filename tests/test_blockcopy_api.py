@@ -111,7 +111,7 @@ def test_statistics_are_sensible():
     summary = stats.as_dict()
     assert set(summary) == {"frames", "full_frames", "executed_fraction", "policy_executed_fraction",
                             "policy_selected_fraction",
-                            "gmacs_per_frame", "network_gmacs_per_frame", "ms_per_frame"}
+                            "gmacs_per_frame", "network_gmacs_per_frame", "policy_gmacs_per_frame", "ms_per_frame"}
     assert stats.frames == 6 and stats.full_frames == 1
     assert stats.total_blocks == 6 * STREAMS * (HEIGHT // 32) * (WIDTH // 32)
     assert 0.0 <= stats.policy_executed_fraction <= 1.0

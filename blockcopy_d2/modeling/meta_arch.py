@@ -17,19 +17,20 @@ from detectron2.structures import ImageList
 
 from blockcopy_core.adapters import OutputAdapter, SemanticSegmentationAdapter
 from blockcopy_core.blockcopy import BlockCopy
+from blockcopy_core.clips import VideoModel
 from blockcopy_core.engine import BlockSparseModel, convert
 
 from ..config import blockcopy_config
+from ..inputs import clip_ids_of, is_annotated
 from .adapters import InstancesAdapter, input_format
-from ..video import VideoMetaArch
 from .backbone import BlockCopyBackbone
 
 
-class BlockCopyMetaArch(VideoMetaArch):
+class BlockCopyMetaArch(VideoModel):
     """What the BlockCopy meta-architectures share; mixed in before a Detectron2 meta-architecture.
 
     ``self.blockcopy`` (a :class:`BlockCopy`: the policy, its optimiser and the statistics) is not a
-    child module (:class:`VideoMetaArch`), so the model's ``state_dict`` is the plain model's. Save it with ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
+    child module (:class:`VideoModel`), so the model's ``state_dict`` is the plain model's. Save it with ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
     (:func:`blockcopy_d2.engine.load_weights`).
     """
 
@@ -66,12 +67,12 @@ class BlockCopyMetaArch(VideoMetaArch):
 
     def _select(self, batched_inputs: list[dict], images: ImageList) -> None:
         """Start a new clip if the inputs say so, choose the frame's blocks and bind them to the backbone."""
-        self._start_time_step(batched_inputs)
+        self._start_time_step(clip_ids_of(batched_inputs))
         self._inputs, self._image_sizes = batched_inputs, images.image_sizes
         self.backbone.bind(self.blockcopy.select(images.tensor))
 
     def _observe(self, result) -> None:
-        self._count(self.blockcopy.observe(result), self._inputs)
+        self._count(self.blockcopy.observe(result), is_annotated(self._inputs))
 
 
 @META_ARCH_REGISTRY.register()

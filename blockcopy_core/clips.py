@@ -1,9 +1,10 @@
-"""What every video meta-architecture of blockcopy_d2 shares: clips and statistics.
+"""What every framework model that runs BlockCopy over video shares: clips and statistics.
 
-A batch of Detectron2 inputs is one time step of N streams. Inputs carry the video fields ``clip_id``
-(str), ``frame_index`` and ``annotated`` (bool: the frame is scored); a new clip starts whenever the
-batch's clip ids differ from the previous call's, and inputs without a ``clip_id`` are each a clip of
-their own (every frame then runs completely).
+A framework's batch is one time step of N streams. Its items carry a clip id (any hashable; None for an
+item outside any clip) and whether the frame is scored (annotated); a new clip starts whenever the
+batch's clip ids differ from the previous call's, and items without a clip id are each a clip of their
+own (every frame then runs completely). Used by the Detectron2 meta-architectures and the MMDetection
+detector of the plugins.
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import zlib
 
 import torch
 
-from blockcopy_core.blockcopy import RunStatistics, StepResult
+from .blockcopy import RunStatistics, StepResult
 
 
-class VideoMetaArch:
-    """Mixin for meta-architectures that run over video clips.
+class VideoModel:
+    """Mixin for framework models that run over video clips.
 
     Subclasses provide :attr:`runner` (a :class:`blockcopy_core.BlockCopy` or
     :class:`blockcopy_core.protocol.DenseRunner`: ``reset()``, ``statistics``, ``reset_statistics()``),
@@ -74,9 +75,8 @@ class VideoMetaArch:
         if blockcopy is not None and any(True for _ in blockcopy.policy.parameters()):
             self._clip_start_policy = copy.deepcopy(blockcopy.state_dict())
 
-    def _start_time_step(self, batched_inputs: list[dict]) -> None:
-        """Start a new clip if the batch's clip ids say so."""
-        clip_ids = tuple(item.get("clip_id") for item in batched_inputs)
+    def _start_time_step(self, clip_ids: tuple) -> None:
+        """Start a new clip if the batch's clip ids (one per stream) say so."""
         if None in clip_ids or clip_ids != self._clip_ids:
             self.reset()
             if self._clip_start_policy is not None:
@@ -84,6 +84,6 @@ class VideoMetaArch:
                 torch.manual_seed(zlib.crc32(repr(clip_ids).encode()))
         self._clip_ids = None if None in clip_ids else clip_ids
 
-    def _count(self, step: StepResult, batched_inputs: list[dict]) -> None:
-        annotated = any(item.get("annotated", True) for item in batched_inputs)
+    def _count(self, step: StepResult, annotated: bool) -> None:
+        """Add a time step to the statistics; ``annotated``: the batch holds a scored frame."""
         (self.annotated_statistics if annotated else self.unannotated_statistics).add(step)

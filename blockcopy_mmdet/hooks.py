@@ -1,0 +1,129 @@
+"""``BlockCopyHook``: the BlockCopy protocol around mmengine's test loop.
+
+* before testing: the policy's warm-up, ``warmup_clips`` clips (default ``blockcopy.warmup_clips``, the
+  method's 400) of a training dataset drawn in epochs of random order
+  (:func:`blockcopy_core.protocol.warmup_order`), each clip starting with a full frame; then new clips,
+  fresh statistics, and with ``independent_clips`` the warmed-up policy as every clip's start;
+* after testing: the statistics of the scored time steps and of the others, summed over processes
+  (executed fraction, GMACs per frame, ms per frame and stage), logged and written with the metrics to
+  ``<log_dir>/blockcopy_results.json``, and the learned policy saved as ``<work_dir>/policy.pt``.
+
+Clip boundaries themselves are found by the detector from the data samples' ``clip_id``
+(:class:`~blockcopy_mmdet.detector.BlockCopyDetector`), so they hold however the model is driven.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from mmdet.registry import DATASETS, HOOKS
+from mmengine.dist import all_gather_object, is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from tqdm import tqdm
+
+from blockcopy_core.blockcopy import RunStatistics
+from blockcopy_core.protocol import format_statistics, warmup_order, without_nan
+
+from .detector import BlockCopyDetector
+
+__all__ = ["BlockCopyHook", "clips_of_dataset"]
+
+
+def clips_of_dataset(dataset) -> list[list[int]]:
+    """The dataset's clips as lists of item indices, frames in order (items carry ``clip_id`` and
+    ``frame_id``, as :class:`~blockcopy_mmdet.datasets.CityPersonsVideoDataset`'s do)."""
+    clips: dict[Any, list[tuple[int, int]]] = defaultdict(list)
+    for index in range(len(dataset)):
+        info = dataset.get_data_info(index)
+        if "clip_id" not in info or "frame_id" not in info:
+            raise ValueError(f"the warm-up dataset {type(dataset).__name__} has no clips: its items need "
+                             "'clip_id' and 'frame_id' (a video dataset such as CityPersonsVideoDataset)")
+        clips[info["clip_id"]].append((info["frame_id"], index))
+    return [[index for _, index in sorted(frames)] for frames in clips.values()]
+
+
+@HOOKS.register_module()
+class BlockCopyHook(Hook):
+    """Warm-up, statistics and the saved policy of a :class:`BlockCopyDetector` test run.
+
+    Args:
+        warmup_dataset: config of the dataset whose clips warm the policy up (e.g. CityPersons train
+            clips, test pipeline); None: no warm-up (e.g. with ``policy_weights``).
+        warmup_clips: number of clips; None: the model's ``blockcopy.warmup_clips``.
+        seed: seed of the warm-up's clip order (the policy's own samples come from torch's RNG, which
+            mmengine's ``randomness`` seeds).
+        save_policy: write the learned policy to ``<work_dir>/policy.pt`` after testing.
+    """
+
+    priority = "NORMAL"
+
+    def __init__(self, warmup_dataset: dict | None = None, warmup_clips: int | None = None, seed: int = 0,
+                 save_policy: bool = True) -> None:
+        if warmup_clips is not None and warmup_clips < 0:
+            raise ValueError(f"warmup_clips must be >= 0, got {warmup_clips}")
+        self.warmup_dataset = warmup_dataset
+        self.warmup_clips = warmup_clips
+        self.seed = seed
+        self.save_policy = save_policy
+
+    @staticmethod
+    def _model(runner) -> BlockCopyDetector:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        if not isinstance(model, BlockCopyDetector):
+            raise TypeError(f"BlockCopyHook needs model type BlockCopyDetector, got {type(model).__name__}")
+        return model
+
+    def before_test(self, runner) -> None:
+        model = self._model(runner)
+        num_clips = model.config.warmup_clips if self.warmup_clips is None else self.warmup_clips
+        if self.warmup_dataset is not None and num_clips:
+            self._warm_up(runner, model, num_clips)
+        model.reset()
+        model.reset_statistics()
+        model.start_clips_from_current_policy()
+
+    def _warm_up(self, runner, model: BlockCopyDetector, num_clips: int) -> None:
+        dataset = DATASETS.build(self.warmup_dataset)
+        clips = clips_of_dataset(dataset)
+        chosen = [clips[i] for i in warmup_order(len(clips), num_clips, self.seed)]
+        runner.logger.info(f"BlockCopy: warming the policy up on {num_clips} clips of {len(clips)} "
+                           f"({sum(map(len, chosen))} frames)")
+        model.eval()
+        with torch.no_grad(), tqdm(total=sum(map(len, chosen)), desc="policy warm-up", unit="frame",
+                                   dynamic_ncols=True, disable=not is_main_process()) as bar:
+            for clip in chosen:
+                model.warm_up_clip([dataset[index] for index in clip])
+                bar.update(len(clip))
+        runner.logger.info(f"BlockCopy warm-up: {format_statistics(without_nan(model.statistics.as_dict()))}")
+
+    def after_test_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
+        model = self._model(runner)
+        scored = RunStatistics.total(all_gather_object(model.annotated_statistics))
+        others = RunStatistics.total(all_gather_object(model.unannotated_statistics))
+        if not is_main_process():
+            return
+        summary = without_nan(scored.as_dict())
+        if scored.frames:
+            runner.logger.info(f"BlockCopy, {scored.frames} scored time steps: {format_statistics(summary)}")
+        document = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "device": str(next(model.parameters()).device),
+            "torch": torch.__version__,
+            "blockcopy": dataclasses.asdict(model.config),
+            "metrics": without_nan(dict(metrics or {})),
+            "statistics": summary,
+            "unannotated_statistics": without_nan(others.as_dict()),
+        }
+        path = Path(runner.log_dir) / "blockcopy_results.json"
+        path.write_text(json.dumps(document, indent=2, default=str))
+        runner.logger.info(f"BlockCopy results written to {path}")
+        if self.save_policy:
+            policy = Path(runner.work_dir) / "policy.pt"
+            torch.save(model.blockcopy.state_dict(), policy)
+            runner.logger.info(f"BlockCopy policy saved to {policy}")
