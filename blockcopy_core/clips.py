@@ -24,7 +24,8 @@ class VideoModel:
     call :meth:`_init_video` in their constructor, :meth:`_start_time_step` before running a batch and
     :meth:`_count` with the batch's :class:`StepResult` after it. A block policy is kept as
     ``self.blockcopy`` set with :meth:`_set_blockcopy`: not a child module, so the model's ``state_dict``
-    is the task model's (checkpoints load unchanged), yet ``.to()`` moves it with the model.
+    is the task model's (checkpoints load unchanged), yet ``.to()`` moves it to the model's device (its dtype
+    stays fp32).
 
     Attributes:
         annotated_statistics, unannotated_statistics: :class:`RunStatistics` of the time steps whose batch
@@ -47,8 +48,10 @@ class VideoModel:
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        if "blockcopy" in self.__dict__:
-            self.blockcopy._apply(fn, recurse)
+        parameter = next(self.parameters(), None)
+        if "blockcopy" in self.__dict__ and parameter is not None:
+            # The device only: the policy keeps training in fp32 when the task model runs in fp16 or bf16.
+            self.blockcopy.to(parameter.device)
         return self
 
     @property

@@ -144,7 +144,8 @@ def warm_up(runner: Runner, clips: Sequence[Sequence[Any]], num_clips: int, *, s
             prepare: Prepare | None = None, desc: str = "policy warm-up") -> None:
     """Train the runner's policy on ``num_clips`` clips before evaluation.
 
-    The clips are drawn in epochs (:func:`warmup_order`); each clip starts with a full frame. Afterwards the runner starts a new clip and its statistics restart, so evaluation counts only
+    The clips are drawn in epochs (:func:`warmup_order`); each clip starts with a full frame. Afterwards
+    the runner starts a new clip and its statistics restart, so evaluation counts only
     its own frames. Learned weights stay.
     """
     chosen = [clips[index] for index in warmup_order(len(clips), num_clips, seed)]
@@ -157,7 +158,8 @@ def warm_up(runner: Runner, clips: Sequence[Sequence[Any]], num_clips: int, *, s
 def format_statistics(summary: dict[str, Any]) -> str:
     """One line from :meth:`RunStatistics.as_dict` (after :func:`without_nan`): executed (and selected)
     fraction, GMACs per frame (network + policy) and ms per frame of each stage."""
-    times = ", ".join(f"{stage} {'n/a' if ms is None else f'{ms:.2f}'}" for stage, ms in summary["ms_per_frame"].items())
+    times = ", ".join(f"{stage} {'n/a' if ms is None else f'{ms:.2f}'}"
+                      for stage, ms in summary["ms_per_frame"].items())
     selected = summary["policy_selected_fraction"]
     return (f"executed {summary['executed_fraction']:.3f}" + ("" if selected is None else f" (selected {selected:.3f})")
             + f", GMACs/frame {summary['gmacs_per_frame']:.3f} (network {summary['network_gmacs_per_frame']:.3f} + "

@@ -258,7 +258,8 @@ class BlockCopyCenterNet(_CenterNetMetaArch):
     """CenterNet-MobileNetV3 executed block-sparse by BlockCopy (settings: ``cfg.MODEL.BLOCKCOPY``).
 
     ``self.blockcopy`` (:class:`blockcopy_core.BlockCopy`, kept out of the ``state_dict`` but moved by
-    ``.to()``; see :class:`~blockcopy_core.clips.VideoModel`) owns the policy and the converted detector (``self.blockcopy.sparse`` shares ``self.centernet``'s modules).
+    ``.to()``; see :class:`~blockcopy_core.clips.VideoModel`) owns the policy and the converted detector
+    (``self.blockcopy.sparse`` shares ``self.centernet``'s modules).
     Information gain and the policy's input masks come from the detections of ``MODEL.CENTERNET.IG_CLASSES``
     scoring at least ``MODEL.BLOCKCOPY.IG_SCORE_THRESHOLD``. The policy keeps learning while Detectron2
     evaluates (``MODEL.BLOCKCOPY.ONLINE_LEARNING``), whatever ``.eval()``/``torch.no_grad()`` say.

@@ -77,7 +77,8 @@ def load_weights(cfg: CfgNode, model: torch.nn.Module) -> None:
 
     The meta-architecture already holds pretrained weights (for CenterNet, the COCO TFJS graph's), so an
     empty ``MODEL.WEIGHTS`` loads nothing; a path is a Detectron2 checkpoint of the task model alone
-    (the keys of ``model.task_model`` where the meta-architecture has one, e.g. CenterNet's detector), read by ``DetectionCheckpointer``. ``POLICY_WEIGHTS`` is a file saved by
+    (the keys of ``model.task_model`` where the meta-architecture has one, e.g. CenterNet's detector), read by
+    ``DetectionCheckpointer``. ``POLICY_WEIGHTS`` is a file saved by
     :func:`save_policy` (``model.blockcopy.state_dict()``).
     """
     if cfg.MODEL.WEIGHTS:

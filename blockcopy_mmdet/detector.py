@@ -32,6 +32,7 @@ from mmdet.structures import SampleList
 from mmengine.logging import print_log
 from mmengine.structures import InstanceData
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from blockcopy_core.blockcopy import BlockCopy
 from blockcopy_core.clips import VideoModel
@@ -41,46 +42,66 @@ from blockcopy_core.errors import ConfigError, InvalidInputError
 
 from .adapter import InstanceDataAdapter, input_format
 
-__all__ = ["BlockCopyDetector"]
+__all__ = ["BlockCopyDetector", "predict_from_trunk", "trunk_of"]
 
 TRAINING_NOT_SUPPORTED = ("BlockCopyDetector runs inference only: train the plain detector and load its checkpoint "
                           "(it loads unchanged); the block policy trains itself online")
 
 
-class _SingleStageTrunk(nn.Module):
-    """Backbone, neck and dense head of a single-stage detector as one network: frames (N, 3, H, W) ->
-    the head's raw maps (a tuple of per-level lists, as ``head.forward`` returns them)."""
+class _Trunk(nn.Module):
+    """The block-sparse part of a detector as one network over frames (N, 3, H, W): backbone, neck and
+    the dense head (single-stage: returns the head's raw maps, a tuple of per-level lists) or the RPN head
+    (two-stage: returns ``(features, rpn_maps)``, the feature maps the ROI head reads and the RPN's raw
+    maps). Its children keep the detector's names."""
 
-    def __init__(self, detector: SingleStageDetector) -> None:
+    def __init__(self, detector: BaseDetector) -> None:
         super().__init__()
+        self.two_stage = isinstance(detector, TwoStageDetector)
         self.backbone = detector.backbone
         if detector.with_neck:
             self.neck = detector.neck
-        self.bbox_head = detector.bbox_head
+        self.head_name = "rpn_head" if self.two_stage else "bbox_head"
+        self.add_module(self.head_name, getattr(detector, self.head_name))
 
     def forward(self, frames: torch.Tensor):
         features = self.backbone(frames)
         if hasattr(self, "neck"):
             features = self.neck(features)
-        return self.bbox_head(features)
+        maps = getattr(self, self.head_name)(features)
+        return (features, maps) if self.two_stage else maps
 
 
-class _TwoStageTrunk(nn.Module):
-    """Backbone, neck and RPN head of a two-stage detector as one network: frames (N, 3, H, W) ->
-    ``(features, rpn_maps)``, the feature maps the ROI head reads and the RPN head's raw maps."""
+def trunk_of(detector: BaseDetector) -> nn.Module:
+    """The part of ``detector`` that runs block-sparse, as one network over (N, 3, H, W) frames: backbone,
+    neck and dense head of a single-stage detector; backbone, neck and RPN head of a two-stage one."""
+    if isinstance(detector, (SingleStageDetector, TwoStageDetector)):
+        return _Trunk(detector)
+    raise TypeError(f"BlockCopy accelerates single-stage and two-stage detectors (SingleStageDetector / "
+                    f"TwoStageDetector subclasses), got {type(detector).__name__}")
 
-    def __init__(self, detector: TwoStageDetector) -> None:
-        super().__init__()
-        self.backbone = detector.backbone
-        if detector.with_neck:
-            self.neck = detector.neck
-        self.rpn_head = detector.rpn_head
 
-    def forward(self, frames: torch.Tensor):
-        features = self.backbone(frames)
-        if hasattr(self, "neck"):
-            features = self.neck(features)
-        return features, self.rpn_head(features)
+def predict_from_trunk(detector: BaseDetector, outputs, batch_data_samples: SampleList,
+                       rescale: bool = True) -> list[InstanceData]:
+    """The detections of N frames from the outputs of :func:`trunk_of` ``(detector)``: the dense head's
+    decoding and NMS, or the proposals and the ROI head on the features, as the detector's ``predict``
+    does them.
+
+    fp16/bf16 maps are decoded in fp32 (box coordinates of 2048-px frames need its precision); a two-stage
+    detector's ROI head then runs under autocast in the network's dtype (RoIAlign in fp32, its convolutions
+    and FC layers in fp16/bf16), whichever dtype its own weights have."""
+    leaves = [t for t in pytree.tree_leaves(outputs) if torch.is_tensor(t) and t.is_floating_point()]
+    dtype = leaves[0].dtype if leaves else torch.float32
+    outputs = pytree.tree_map(lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t, outputs)
+    metas = [sample.metainfo for sample in batch_data_samples]
+    if isinstance(detector, TwoStageDetector):
+        features, rpn_maps = outputs
+        proposals = detector.rpn_head.predict_by_feat(*rpn_maps, batch_img_metas=metas, rescale=False)
+        with torch.autocast(features[0].device.type, dtype=dtype, enabled=dtype != torch.float32):
+            results = detector.roi_head.predict(features, proposals, batch_data_samples, rescale=rescale)
+        for result in results:  # autocast leaves the scores in the network's dtype
+            result.scores, result.bboxes = result.scores.float(), result.bboxes.float()
+        return results
+    return detector.bbox_head.predict_by_feat(*outputs, batch_img_metas=metas, rescale=rescale)
 
 
 @MODELS.register_module()
@@ -116,15 +137,8 @@ class BlockCopyDetector(VideoModel, BaseDetector):
         plain = MODELS.build(detector)
         if isinstance(plain, BlockCopyDetector):
             raise ValueError("BlockCopyDetector's detector is already a BlockCopyDetector: wrap the plain detector")
-        if isinstance(plain, TwoStageDetector):
-            trunk = _TwoStageTrunk(plain)
-            num_classes = plain.roi_head.bbox_head.num_classes
-        elif isinstance(plain, SingleStageDetector):
-            trunk = _SingleStageTrunk(plain)
-            num_classes = plain.bbox_head.num_classes
-        else:
-            raise TypeError(f"BlockCopyDetector accelerates single-stage and two-stage detectors "
-                            f"(SingleStageDetector / TwoStageDetector subclasses), got {type(plain).__name__}")
+        trunk = trunk_of(plain)
+        num_classes = (plain.roi_head.bbox_head if isinstance(plain, TwoStageDetector) else plain.bbox_head).num_classes
         # The plain detector's children become the wrapper's (the same dict): same names, same state_dict.
         self._modules = plain._modules
         object.__setattr__(self, "detector", plain)
@@ -132,7 +146,8 @@ class BlockCopyDetector(VideoModel, BaseDetector):
         self._raise_padding(config.block_size)
         classes = list(range(num_classes)) if classes is None else list(classes)
         if not classes or min(classes) < 0 or max(classes) >= num_classes:
-            raise ConfigError("classes", classes, f"labels of the detector's {num_classes} classes (0..{num_classes - 1})")
+            raise ConfigError("classes", classes,
+                              f"labels of the detector's {num_classes} classes (0..{num_classes - 1})")
         self.eval()
         sparse = convert(trunk.eval(), config=config)
         adapter = InstanceDataAdapter(classes, score_threshold, input_format(self.data_preprocessor))
@@ -214,13 +229,7 @@ class BlockCopyDetector(VideoModel, BaseDetector):
         self._start_time_step(tuple(sample.metainfo.get("clip_id") for sample in batch_data_samples))
         metas = [sample.metainfo for sample in batch_data_samples]
         grid = self.blockcopy.select(batch_inputs)
-        outputs = self.sparse(batch_inputs, grid)
-        if isinstance(self.detector, TwoStageDetector):
-            features, rpn_maps = outputs
-            proposals = self.rpn_head.predict_by_feat(*rpn_maps, batch_img_metas=metas, rescale=False)
-            results = self.roi_head.predict(features, proposals, batch_data_samples, rescale=rescale)
-        else:
-            results = self.bbox_head.predict_by_feat(*outputs, batch_img_metas=metas, rescale=rescale)
+        results = predict_from_trunk(self.detector, self.sparse(batch_inputs, grid), batch_data_samples, rescale)
         frame_results = [_in_frame_pixels(r, meta) if rescale else r for r, meta in zip(results, metas)]
         step = self.blockcopy.observe(self.blockcopy.adapter.detect(frame_results, tuple(batch_inputs.shape[-2:])))
         self._count(step, any(meta.get("annotated", True) for meta in metas))

@@ -4,6 +4,7 @@
   method's 400) of a training dataset drawn in epochs of random order
   (:func:`blockcopy_core.protocol.warmup_order`), each clip starting with a full frame; then new clips,
   fresh statistics, and with ``independent_clips`` the warmed-up policy as every clip's start;
+* while testing: a progress bar over the time steps;
 * after testing: the statistics of the scored time steps and of the others, summed over processes
   (executed fraction, GMACs per frame, ms per frame and stage), logged and written with the metrics to
   ``<log_dir>/blockcopy_results.json``, and the learned policy saved as ``<work_dir>/policy.pt``.
@@ -15,10 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 from mmdet.registry import DATASETS, HOOKS
@@ -32,20 +31,7 @@ from blockcopy_core.protocol import format_statistics, warmup_order, without_nan
 
 from .detector import BlockCopyDetector
 
-__all__ = ["BlockCopyHook", "clips_of_dataset"]
-
-
-def clips_of_dataset(dataset) -> list[list[int]]:
-    """The dataset's clips as lists of item indices, frames in order (items carry ``clip_id`` and
-    ``frame_id``, as :class:`~blockcopy_mmdet.datasets.CityPersonsVideoDataset`'s do)."""
-    clips: dict[Any, list[tuple[int, int]]] = defaultdict(list)
-    for index in range(len(dataset)):
-        info = dataset.get_data_info(index)
-        if "clip_id" not in info or "frame_id" not in info:
-            raise ValueError(f"the warm-up dataset {type(dataset).__name__} has no clips: its items need "
-                             "'clip_id' and 'frame_id' (a video dataset such as CityPersonsVideoDataset)")
-        clips[info["clip_id"]].append((info["frame_id"], index))
-    return [[index for _, index in sorted(frames)] for frames in clips.values()]
+__all__ = ["BlockCopyHook"]
 
 
 @HOOKS.register_module()
@@ -90,7 +76,10 @@ class BlockCopyHook(Hook):
 
     def _warm_up(self, runner, model: BlockCopyDetector, num_clips: int) -> None:
         dataset = DATASETS.build(self.warmup_dataset)
-        clips = clips_of_dataset(dataset)
+        if not hasattr(dataset, "clip_ranges"):
+            raise TypeError(f"BlockCopyHook's warmup_dataset must be a video dataset with clips (clip_ranges(), e.g. "
+                            f"CityPersonsVideoDataset), got {type(dataset).__name__}")
+        clips = [list(indices) for indices in dataset.clip_ranges()]
         chosen = [clips[i] for i in warmup_order(len(clips), num_clips, self.seed)]
         runner.logger.info(f"BlockCopy: warming the policy up on {num_clips} clips of {len(clips)} "
                            f"({sum(map(len, chosen))} frames)")
@@ -102,7 +91,15 @@ class BlockCopyHook(Hook):
                 bar.update(len(clip))
         runner.logger.info(f"BlockCopy warm-up: {format_statistics(without_nan(model.statistics.as_dict()))}")
 
+    def before_test_epoch(self, runner) -> None:
+        self._bar = tqdm(total=len(runner.test_dataloader), desc="test", unit="step", dynamic_ncols=True,
+                         disable=not is_main_process())
+
+    def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._bar.update()
+
     def after_test_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
+        self._bar.close()
         model = self._model(runner)
         scored = RunStatistics.total(all_gather_object(model.annotated_statistics))
         others = RunStatistics.total(all_gather_object(model.unannotated_statistics))

@@ -62,6 +62,9 @@ CASES = {
     "global_max_pool": seq(Lambda(lambda x: x * F.adaptive_max_pool2d(x, 1))),
     "global_mean_linear": seq(Lambda(lambda x: x * F.linear(x.mean((2, 3)), torch.ones(6, 6) / 6).view(-1, 6, 1, 1))),
     "channel_softmax": seq(Lambda(lambda x: x.softmax(dim=1))),
+    "channel_l2_normalize": seq(Lambda(lambda x: F.normalize(x, dim=1) * 10)),
+    "channel_vector_norm": seq(Lambda(lambda x: x / (torch.linalg.vector_norm(x, dim=1, keepdim=True) + 1e-10))),
+    "channel_tensor_norm": seq(Lambda(lambda x: x * x.norm(dim=1, keepdim=True) + torch.norm(x, 1, 1, True))),
     "reshape_channel_shuffle": seq(Lambda(lambda x: x.view(x.shape[0], 2, 3, *x.shape[-2:]).transpose(1, 2)
                                           .reshape(x.shape))),
 }
@@ -85,7 +88,8 @@ def test_op_matches_oracle_and_dense(name):
 def test_supported_ops_are_listed():
     ops = bc.supported_ops()
     for op in ("conv2d", "conv_transpose2d", "max_pool2d", "avg_pool2d", "interpolate", "group_norm",
-               "adaptive_avg_pool2d", "batch_norm", "cat", "pad", "resize_bilinear_tf"):
+               "adaptive_avg_pool2d", "batch_norm", "cat", "pad", "resize_bilinear_tf", "normalize",
+               "vector_norm", "norm"):
         assert op in ops
 
 
@@ -123,12 +127,21 @@ class Head(nn.Module):
     (lambda x: F.adaptive_avg_pool2d(x, 4), "adaptive_avg_pool2d"),
     (lambda x: F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), "avg_pool2d"),
     (lambda x: torch.fft.fft2(x).real, "fft2"),
+    (lambda x: F.normalize(x, dim=2), "normalize"),
+    (lambda x: x * torch.linalg.vector_norm(x, dim=(2, 3), keepdim=True), "vector_norm"),
+    (lambda x: x * x.norm(), "norm"),
 ])
 def test_unsupported_op_is_named_with_its_module(fn, op):
     with pytest.raises(bc.UnsupportedOperationError) as info:
         run_two_frames(Head(fn))
     assert info.value.op == op and info.value.module_path.startswith("head ")
     assert f"'{op}'" in str(info.value) and "head (Lambda)" in str(info.value)
+
+
+@pytest.mark.parametrize("fn", [lambda x: F.normalize(x, dim=-1), lambda x: x / torch.linalg.vector_norm(x, dim=(1, 2))])
+def test_norm_over_a_spatial_dim_is_refused_with_the_reason(fn):
+    with pytest.raises(bc.UnsupportedOperationError, match="a spatial dim of the"):
+        run_two_frames(Head(fn))
 
 
 def test_stride_not_dividing_block_size_is_refused_before_running_sparse():

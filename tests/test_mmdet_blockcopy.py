@@ -55,7 +55,8 @@ def _build_pair(detector_cfg: dict, **blockcopy):
 
 def _batch(images: torch.Tensor, clip_ids, frame_id: int) -> dict:
     """A test batch as mmdet's dataloader gives it: (N, 3, H, W) 0..255 BGR images, one sample each."""
-    samples = [DetDataSample(metainfo=dict(img_shape=(HEIGHT, WIDTH), ori_shape=(HEIGHT, WIDTH), scale_factor=(1.0, 1.0),
+    samples = [DetDataSample(metainfo=dict(img_shape=(HEIGHT, WIDTH), ori_shape=(HEIGHT, WIDTH),
+                                           scale_factor=(1.0, 1.0),
                                            clip_id=clip, frame_id=frame_id, annotated=True))
                for clip in clip_ids]
     return {"inputs": list(images), "data_samples": samples}
@@ -174,9 +175,75 @@ def test_policy_weights_round_trip(retinanet_cfg, tmp_path, one_thread):
     path = tmp_path / "policy.pt"
     torch.save(wrapped.blockcopy.state_dict(), path)
     loaded = MODELS.build(dict(type="BlockCopyDetector", detector=copy.deepcopy(retinanet_cfg),
-                               blockcopy=dict(block_size=128, policy="rl", update_interval=1), policy_weights=str(path)))
+                               blockcopy=dict(block_size=128, policy="rl", update_interval=1),
+                               policy_weights=str(path)))
     for a, b in zip(wrapped.blockcopy.policy.parameters(), loaded.blockcopy.policy.parameters()):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="not a BlockCopy policy for this model"):
         MODELS.build(dict(type="BlockCopyDetector", detector=copy.deepcopy(retinanet_cfg),
                           blockcopy=dict(block_size=128), classes=[0], policy_weights=str(path)))
+
+
+# --- CUDA: the pedestrian detectors through the engine's CUDA path (kernels, buckets, CUDA graphs) ---
+
+PEDESTRIAN_CONFIGS = {"csp": "configs/_base_/models/csp_r50.py", "mgan": "configs/_base_/models/mgan_vgg16.py"}
+
+
+def _pedestrian_cfg(name: str):
+    from pathlib import Path
+
+    cfg = Config.fromfile(str(Path(__file__).resolve().parents[1] / PEDESTRIAN_CONFIGS[name])).model
+    if name == "mgan":
+        cfg.test_cfg.rpn.max_per_img = 300  # the dense ROI stage is not what this test is about
+    return cfg
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name", ["csp", "mgan"])
+def test_cuda_pedestrian_detectors_on_a_static_clip_match_dense(name, dtype, no_tf32):
+    """A static clip with the learning policy on CUDA (CUDA graphs per bucket, kernels for the tile
+    moves, fp16 too): copied blocks hold exactly what they would compute, so every map the block-sparse
+    part hands to the post-processing equals the dense detector's up to float rounding (tile convolutions
+    may pick other cuDNN algorithms). Maps rather than boxes are compared: random weights give many
+    equal scores, whose order NMS breaks arbitrarily."""
+    from torch.utils import _pytree as pytree
+
+    import blockcopy_mmdet.detector as detector_module
+
+    register_all_modules()
+    cfg = _pedestrian_cfg(name)
+    torch.manual_seed(0)
+    plain = MODELS.build(copy.deepcopy(cfg)).eval().cuda().to(dtype)
+    wrapped = MODELS.build(dict(type="BlockCopyDetector", detector=copy.deepcopy(cfg),
+                                blockcopy=dict(block_size=128, policy="rl", target=0.3)))
+    wrapped.load_state_dict(plain.state_dict())
+    wrapped.cuda().to(dtype)
+    assert next(wrapped.blockcopy.policy.parameters()).dtype == torch.float32, "the policy trains in fp32"
+    torch.manual_seed(1)
+    frame = (torch.rand(1, 3, 512, 1024, device="cuda") * 255).to(dtype)
+    sample = DetDataSample(metainfo=dict(img_shape=(512, 1024), ori_shape=(512, 1024), scale_factor=(1.0, 1.0),
+                                         clip_id=0))
+    expected = pytree.tree_leaves(detector_module.trunk_of(plain)(frame))
+    seen = []
+    decode = detector_module.predict_from_trunk
+
+    def recording(detector, outputs, *args, **kwargs):
+        seen.append([t.clone() for t in pytree.tree_leaves(outputs)])
+        return decode(detector, outputs, *args, **kwargs)
+
+    detector_module.predict_from_trunk = recording
+    try:
+        for t in range(6):
+            results = wrapped.predict(frame, [copy.deepcopy(sample)])[0].pred_instances
+            assert len(results) > 0
+    finally:
+        detector_module.predict_from_trunk = decode
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # relative to each map's largest value
+    for t, maps in enumerate(seen):
+        for got, want in zip(maps, expected):
+            error = float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-6))
+            assert error <= tolerance, (t, tuple(want.shape), error)
+    stats = wrapped.statistics
+    assert stats.full_frames == 1 and stats.policy_executed_fraction < 1.0
+    assert len(wrapped.sparse._graphs) >= 1, "the sparse frames ran as CUDA graphs"

@@ -5,9 +5,9 @@
 :class:`~blockcopy_core.errors.UnsupportedOperationError` naming the op and the module;
 :func:`register_op` adds handlers for further ops (e.g. a framework's own functions).
 """
-from . import pointwise, reductions, spatial
+from . import norms, pointwise, reductions, spatial
 
-HANDLERS = {**pointwise.HANDLERS, **reductions.HANDLERS, **spatial.HANDLERS}
+HANDLERS = {**pointwise.HANDLERS, **norms.HANDLERS, **reductions.HANDLERS, **spatial.HANDLERS}
 
 
 def register_op(name: str, handler, *, replace: bool = False) -> None:
@@ -16,7 +16,8 @@ def register_op(name: str, handler, *, replace: bool = False) -> None:
     ``name`` is the op's short name: the last part of torch's name for it (``torch.nn.functional.conv2d``
     and ``torch.conv2d`` -> ``conv2d``, ``Tensor.add`` -> ``add``, ``Tensor.__add__`` -> ``__add__``), or,
     for a Python function that supports ``__torch_function__`` through
-    ``torch.overrides.handle_torch_function``, the last part of its ``__qualname__``. Only functions that reach ``__torch_function__`` with an activation among their
+    ``torch.overrides.handle_torch_function``, the last part of its ``__qualname__``. Only functions that
+    reach ``__torch_function__`` with an activation among their
     arguments are routed to handlers.
 
     ``handler(executor, name, func, args, kwargs)`` is called instead of ``func(*args, **kwargs)`` and

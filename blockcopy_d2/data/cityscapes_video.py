@@ -36,12 +36,12 @@ from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_
 from detectron2.evaluation import (CityscapesInstanceEvaluator, CityscapesSemSegEvaluator, COCOEvaluator,
                                    DatasetEvaluator, DatasetEvaluators)
 
+from blockcopy_core.data.cityscapes import (CLIP_LENGTH, IMAGE_SUFFIX, SEQUENCE_FRAMES, clip_frame_paths,
+                                            layout_error, list_folder, split_stem)
+
 from .catalog import register_video_dataset_type
 
 logger = logging.getLogger(__name__)
-
-CLIP_LENGTH = 20
-"""Frames per clip: the annotated frame and the 19 before it (the method's protocol)."""
 
 SPLITS = ("train", "val")
 """The splits registered: the test split has no public ground truth to score the last frame on."""
@@ -52,7 +52,7 @@ TASKS = {"instance_seg": "cityscapes_instance", "sem_seg": "cityscapes_sem_seg"}
 LAYOUT = (
     "Expected Cityscapes layout under the root folder (named 'cityscapes'; default "
     "$DETECTRON2_DATASETS/cityscapes):\n"
-    "  leftImg8bit_sequence/<split>/<city>/<city>_<seq>_<frame:06d>_leftImg8bit.png  video frames "
+    f"  {SEQUENCE_FRAMES}  video frames "
     "(leftImg8bit_sequence_trainvaltest.zip)\n"
     "  leftImg8bit/<split>/<city>/<city>_<seq>_<frame:06d>_leftImg8bit.png  annotated frames "
     "(leftImg8bit_trainvaltest.zip)\n"
@@ -68,7 +68,6 @@ _GT_FILES = {
     "instance_seg": ("polygons.json", "instanceIds.png", "labelIds.png"),
     "sem_seg": ("polygons.json", "labelTrainIds.png", "labelIds.png", "instanceIds.png"),
 }
-_IMAGE_SUFFIX = "_leftImg8bit.png"
 _POLYGONS_SUFFIX = "_gtFine_polygons.json"
 
 
@@ -102,23 +101,11 @@ def cityscapes_metadata() -> dict[str, list[str]]:
 
 
 def _missing(what: str, path: str) -> FileNotFoundError:
-    return FileNotFoundError(f"Cityscapes video: {what} not found: {path}\n{LAYOUT}")
+    return layout_error(what, path, LAYOUT)
 
 
 def _listdir(path: str, what: str) -> list[str]:
-    if not os.path.isdir(path):
-        raise _missing(what, path)
-    return sorted(os.listdir(path))
-
-
-def _split_stem(stem: str, path: str) -> tuple[str, str, str]:
-    """``"<city>_<seq>_<frame>"`` -> ``(city, seq, frame)``; split from the right, so that a city name
-    with an underscore would still parse."""
-    parts = stem.rsplit("_", 2)
-    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
-        raise ValueError(f"Cityscapes video: file name not of the form "
-                         f"<city>_<seq>_<frame:06d>_...: {path}\n{LAYOUT}")
-    return parts[0], parts[1], parts[2]
+    return list_folder(path, what, LAYOUT)
 
 
 def _annotated_frames(image_dir: str, gt_dir: str, task: str) -> list[tuple[str, str, str]]:
@@ -138,12 +125,12 @@ def _annotated_frames(image_dir: str, gt_dir: str, task: str) -> list[tuple[str,
             if not name.endswith(_POLYGONS_SUFFIX):
                 continue
             stem = name[: -len(_POLYGONS_SUFFIX)]
-            key = _split_stem(stem, os.path.join(gt_city, name))
+            key = split_stem(stem, os.path.join(gt_city, name), LAYOUT)
             for kind in _GT_FILES[task]:
                 if f"{stem}_gtFine_{kind}" not in gt_names:
                     raise _missing("ground-truth file", os.path.join(gt_city, f"{stem}_gtFine_{kind}"))
-            if stem + _IMAGE_SUFFIX not in image_names:
-                raise _missing("annotated image", os.path.join(image_city, stem + _IMAGE_SUFFIX))
+            if stem + IMAGE_SUFFIX not in image_names:
+                raise _missing("annotated image", os.path.join(image_city, stem + IMAGE_SUFFIX))
             frames.append(key)
     if not frames:
         raise _missing(f"annotated frame (no *{_POLYGONS_SUFFIX} file)", os.path.join(gt_dir, "*", "*"))
@@ -153,37 +140,14 @@ def _annotated_frames(image_dir: str, gt_dir: str, task: str) -> list[tuple[str,
         if not os.path.isdir(image_city):
             continue
         for name in sorted(os.listdir(image_city)):
-            if not name.endswith(_IMAGE_SUFFIX):  # Detectron2's loader asserts on any other file here
-                raise ValueError(f"Cityscapes video: unexpected file (only *{_IMAGE_SUFFIX} belong "
+            if not name.endswith(IMAGE_SUFFIX):  # Detectron2's loader asserts on any other file here
+                raise ValueError(f"Cityscapes video: unexpected file (only *{IMAGE_SUFFIX} belong "
                                  f"there): {os.path.join(image_city, name)}\n{LAYOUT}")
-            stem = name[: -len(_IMAGE_SUFFIX)]
+            stem = name[: -len(IMAGE_SUFFIX)]
             if stem not in annotated:
                 raise _missing(f"ground truth of the annotated image {os.path.join(image_city, name)}",
                                os.path.join(gt_dir, city, stem + _POLYGONS_SUFFIX))
     return sorted(frames, key=lambda key: (key[0], key[1], int(key[2])))
-
-
-def _clip_paths(sequence_dir: str, city: str, seq: str, frame: str, clip_length: int,
-                listings: dict[str, set[str]]) -> list[str]:
-    """The ``clip_length`` sequence frames ending at ``frame``, checked to exist; ``listings`` caches
-    one directory listing per city (one stat per frame is slow on network file systems)."""
-    city_dir = os.path.join(sequence_dir, city)
-    if city_dir not in listings:
-        listings[city_dir] = set(
-            _listdir(city_dir, "video-frame folder (leftImg8bit_sequence/<split>/<city>)"))
-    last = int(frame)
-    clip_id = f"{city}_{seq}_{frame}"
-    if last < clip_length - 1:
-        raise ValueError(f"Cityscapes video: annotated frame {clip_id} has frame number {last}, too "
-                         f"small for a clip of {clip_length} frames ending at it\n{LAYOUT}")
-    paths = []
-    for index, number in enumerate(range(last - clip_length + 1, last + 1)):
-        name = f"{city}_{seq}_{number:0{len(frame)}d}{_IMAGE_SUFFIX}"
-        if name not in listings[city_dir]:
-            raise _missing(f"frame {index} of {clip_length} of clip {clip_id}",
-                           os.path.join(city_dir, name))
-        paths.append(os.path.join(city_dir, name))
-    return paths
 
 
 def load_cityscapes_video(root: str | os.PathLike, split: str, task: str = "instance_seg",
@@ -214,7 +178,7 @@ def load_cityscapes_video(root: str | os.PathLike, split: str, task: str = "inst
     _listdir(image_dir, "annotated-image folder (leftImg8bit/<split>)")
     annotated = _annotated_frames(image_dir, gt_dir, task)
     listings: dict[str, set[str]] = {}
-    clips = [(key, _clip_paths(sequence_dir, *key, clip_length, listings)) for key in annotated]
+    clips = [(key, clip_frame_paths(sequence_dir, *key, clip_length, LAYOUT, listings)) for key in annotated]
 
     if task == "instance_seg":
         loaded = load_cityscapes_instances(image_dir, gt_dir, from_json=True, to_polygons=True)
@@ -225,7 +189,7 @@ def load_cityscapes_video(root: str | os.PathLike, split: str, task: str = "inst
     dicts = []
     for (city, seq, frame), paths in clips:
         clip_id = f"{city}_{seq}_{frame}"
-        annotation = by_name[clip_id + _IMAGE_SUFFIX]
+        annotation = by_name[clip_id + IMAGE_SUFFIX]
         for index, path in enumerate(paths):
             d = {"file_name": path, "height": annotation["height"], "width": annotation["width"],
                  "image_id": os.path.basename(path), "clip_id": clip_id, "frame_index": index,

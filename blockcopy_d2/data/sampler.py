@@ -19,6 +19,8 @@ from detectron2.data import DatasetCatalog, DatasetFromList, DatasetMapper, MapD
 from detectron2.data.build import trivial_batch_collator
 from detectron2.utils import comm
 
+from blockcopy_core.data import clips as video_clips
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,22 +38,16 @@ def clips_of(dataset_dicts: Sequence[dict]) -> list[list[dict]]:
         ValueError: a clip's frames are not ``0, 1, 2, ...`` in order, or its frames are not contiguous
             (a clip id appearing again after another clip).
     """
-    clips: list[list[dict]] = []
-    seen: set[str] = set()
     for position, d in enumerate(dataset_dicts):
         if "clip_id" not in d or "frame_index" not in d:
             raise KeyError(f"dataset dict {position} ({d.get('file_name', '?')}) has no 'clip_id' / "
                            "'frame_index': not a video dataset (e.g. cityscapes_video_fine_*)")
-        if not clips or clips[-1][0]["clip_id"] != d["clip_id"]:
-            if d["clip_id"] in seen:
-                raise ValueError(f"clip {d['clip_id']!r} is not contiguous: it appears again at "
-                                 f"dataset dict {position}")
-            seen.add(d["clip_id"])
-            clips.append([])
-        if d["frame_index"] != len(clips[-1]):
-            raise ValueError(f"clip {d['clip_id']!r}: dataset dict {position} has frame_index "
-                             f"{d['frame_index']}, expected {len(clips[-1])} (frames must be in order)")
-        clips[-1].append(d)
+    lengths = video_clips.clip_lengths(((d["clip_id"], d["frame_index"]) for d in dataset_dicts),
+                                       item="dataset dict", frame_field="frame_index")
+    clips, start = [], 0
+    for n in lengths:
+        clips.append(list(dataset_dicts[start: start + n]))
+        start += n
     return clips
 
 
@@ -73,21 +69,9 @@ class ClipInferenceSampler(torchdata.Sampler):
 
     def __init__(self, clip_lengths: Sequence[int], *, rank: int | None = None,
                  world_size: int | None = None):
-        lengths = [int(n) for n in clip_lengths]
-        if not lengths or min(lengths) < 1:
-            raise ValueError(f"need at least one clip, each of at least one frame; got {lengths[:10]}")
-        self._rank = comm.get_rank() if rank is None else rank
-        self._world_size = comm.get_world_size() if world_size is None else world_size
-        if not 0 <= self._rank < self._world_size:
-            raise ValueError(f"rank {self._rank} out of range for world size {self._world_size}")
-        shard, left = divmod(len(lengths), self._world_size)
-        sizes = [shard + int(r < left) for r in range(self._world_size)]
-        begin = sum(sizes[: self._rank])
-        self.clip_indices = range(begin, begin + sizes[self._rank])
-        starts = [0]
-        for n in lengths:
-            starts.append(starts[-1] + n)
-        self.clip_ranges = [range(starts[c], starts[c + 1]) for c in self.clip_indices]
+        rank = comm.get_rank() if rank is None else rank
+        world_size = comm.get_world_size() if world_size is None else world_size
+        self.clip_indices, self.clip_ranges = video_clips.shard_clips(clip_lengths, rank, world_size)
 
     def __iter__(self) -> Iterator[int]:
         for frames in self.clip_ranges:
@@ -118,25 +102,14 @@ class ClipBatchSampler(torchdata.Sampler):
         if clips_per_batch < 1:
             raise ValueError(f"clips_per_batch must be >= 1, got {clips_per_batch}")
         self.clips_per_batch = clips_per_batch
-        ranges, indices = sampler.clip_ranges, sampler.clip_indices
-        self.groups: list[list[range]] = []
-        for start in range(0, len(ranges), clips_per_batch):
-            group = ranges[start: start + clips_per_batch]
-            lengths = [len(frames) for frames in group]
-            if len(set(lengths)) > 1:
-                clips = list(indices[start: start + clips_per_batch])
-                raise ValueError(f"clips {clips} would run as {len(group)} streams together but have "
-                                 f"{lengths} frames: streams must start and end their clips together; "
-                                 "use clips_per_batch=1 or clips of equal length")
-            self.groups.append(group)
+        self.groups: list[list[range]] = video_clips.group_streams(sampler.clip_ranges, sampler.clip_indices,
+                                                                   clips_per_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for group in self.groups:
-            for t in range(len(group[0])):
-                yield [frames[t] for frames in group]
+        return video_clips.stream_batches(self.groups)
 
     def __len__(self) -> int:
-        return sum(len(group[0]) for group in self.groups)
+        return video_clips.stream_batch_count(self.groups)
 
 
 class _NoSkipMapper:

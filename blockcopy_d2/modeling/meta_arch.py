@@ -30,7 +30,8 @@ class BlockCopyMetaArch(VideoModel):
     """What the BlockCopy meta-architectures share; mixed in before a Detectron2 meta-architecture.
 
     ``self.blockcopy`` (a :class:`BlockCopy`: the policy, its optimiser and the statistics) is not a
-    child module (:class:`VideoModel`), so the model's ``state_dict`` is the plain model's. Save it with ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
+    child module (:class:`VideoModel`), so the model's ``state_dict`` is the plain model's. Save it with
+    ``self.blockcopy.state_dict()``; ``MODEL.BLOCKCOPY.POLICY_WEIGHTS`` loads one
     (:func:`blockcopy_d2.engine.load_weights`).
     """
 
