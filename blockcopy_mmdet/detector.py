@@ -153,6 +153,8 @@ class BlockCopyDetector(VideoModel, BaseDetector):
         adapter = InstanceDataAdapter(classes, score_threshold, input_format(self.data_preprocessor))
         self._set_blockcopy(BlockCopy(sparse, adapter, config))
         self._init_video()
+        # the last time step's StepResult (grid, IG map, detections in frame pixels) and (N, 3, H, W) frames
+        self.last_step, self.last_frames = None, None
         self.independent_clips = independent_clips
         if policy_weights:
             self.load_policy(policy_weights)
@@ -233,6 +235,7 @@ class BlockCopyDetector(VideoModel, BaseDetector):
         frame_results = [_in_frame_pixels(r, meta) if rescale else r for r, meta in zip(results, metas)]
         step = self.blockcopy.observe(self.blockcopy.adapter.detect(frame_results, tuple(batch_inputs.shape[-2:])))
         self._count(step, any(meta.get("annotated", True) for meta in metas))
+        self.last_step, self.last_frames = step, batch_inputs
         return self.add_pred_to_datasample(batch_data_samples, results)
 
     def _check_frames(self, frames: torch.Tensor) -> None:

@@ -4,7 +4,8 @@
   method's 400) of a training dataset drawn in epochs of random order
   (:func:`blockcopy_core.protocol.warmup_order`), each clip starting with a full frame; then new clips,
   fresh statistics, and with ``independent_clips`` the warmed-up policy as every clip's start;
-* while testing: a progress bar over the time steps;
+* while testing: a progress bar over the time steps, and with ``video_clips`` a video of what the policy
+  decided on the first clips;
 * after testing: the statistics of the scored time steps and of the others, summed over processes
   (executed fraction, GMACs per frame, ms per frame and stage), logged and written with the metrics to
   ``<log_dir>/blockcopy_results.json``, and the learned policy saved as ``<work_dir>/policy.pt``.
@@ -27,7 +28,9 @@ from mmengine.model import is_model_wrapper
 from tqdm import tqdm
 
 from blockcopy_core.blockcopy import RunStatistics
+from blockcopy_core.data import VideoWriter
 from blockcopy_core.protocol import format_statistics, warmup_order, without_nan
+from blockcopy_core.visualize import blockcopy_mosaic
 
 from .detector import BlockCopyDetector
 
@@ -45,18 +48,26 @@ class BlockCopyHook(Hook):
         seed: seed of the warm-up's clip order (the policy's own samples come from torch's RNG, which
             mmengine's ``randomness`` seeds).
         save_policy: write the learned policy to ``<work_dir>/policy.pt`` after testing.
+        video_clips: write what the policy decided on the first N clips of the main process, one video
+            each, ``<work_dir>/videos/clip_<clip_id>.mp4`` (first stream): per frame the selected blocks,
+            the frame state, the information gain and the detections
+            (:func:`blockcopy_core.visualize.blockcopy_mosaic`).
+        video_scale: size of the video's panels relative to the frame.
     """
 
     priority = "NORMAL"
 
     def __init__(self, warmup_dataset: dict | None = None, warmup_clips: int | None = None, seed: int = 0,
-                 save_policy: bool = True) -> None:
+                 save_policy: bool = True, video_clips: int = 0, video_scale: float = 0.5) -> None:
         if warmup_clips is not None and warmup_clips < 0:
             raise ValueError(f"warmup_clips must be >= 0, got {warmup_clips}")
         self.warmup_dataset = warmup_dataset
         self.warmup_clips = warmup_clips
         self.seed = seed
         self.save_policy = save_policy
+        self.video_clips = video_clips
+        self.video_scale = video_scale
+        self._videos: dict = {}
 
     @staticmethod
     def _model(runner) -> BlockCopyDetector:
@@ -97,9 +108,35 @@ class BlockCopyHook(Hook):
 
     def after_test_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         self._bar.update()
+        if self.video_clips and is_main_process() and outputs:
+            self._write_video_frame(runner, self._model(runner), outputs[0])
+
+    def _write_video_frame(self, runner, model: BlockCopyDetector, sample) -> None:
+        """Add the first stream's time step to its clip's video (the first ``video_clips`` clips)."""
+        clip = sample.metainfo.get("clip_id")
+        if clip not in self._videos:
+            if len(self._videos) >= self.video_clips:
+                return
+            path = Path(runner.work_dir) / "videos" / f"clip_{clip}.mp4"
+            self._videos[clip] = VideoWriter(path, fps=17.0)  # Cityscapes' sequences run at 17 Hz
+        step, height, width = model.last_step, *sample.metainfo["img_shape"]
+        frame = model.blockcopy.adapter.policy_frame(model.last_frames[:1])[0] * 255
+        state = model.blockcopy.adapter.policy_frame(model.sparse.frame_state[:1])[0] * 255
+        detections = step.result[0]
+        keep = detections["scores"] >= model.blockcopy.adapter.score_threshold
+        mosaic = blockcopy_mosaic(frame[:, :height, :width], step.grid[0, 0], state[:, :height, :width],
+                                  None if step.ig_map is None else step.ig_map[0], detections["boxes"][keep],
+                                  detections["scores"][keep], scale=self.video_scale,
+                                  title=f"clip {clip} frame {sample.metainfo.get('frame_id')}",
+                                  executed=model.sparse.executed_grid[0, 0])
+        self._videos[clip].write(mosaic)
 
     def after_test_epoch(self, runner, metrics: dict[str, float] | None = None) -> None:
         self._bar.close()
+        for writer in self._videos.values():
+            writer.close()
+        if self._videos:
+            runner.logger.info(f"BlockCopy: {len(self._videos)} clip videos in {Path(runner.work_dir) / 'videos'}")
         model = self._model(runner)
         scored = RunStatistics.total(all_gather_object(model.annotated_statistics))
         others = RunStatistics.total(all_gather_object(model.unannotated_statistics))

@@ -31,12 +31,20 @@ def _config(base: str, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def retinanet_cfg(tmp_path_factory) -> dict:
+def retinanet_cfg(tmp_path_factory):
     return _config("retinanet/retinanet_r18_fpn_1x_coco.py", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
-def faster_rcnn_cfg(tmp_path_factory) -> dict:
+def fcos_cfg(tmp_path_factory):
+    model = _config("fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py", tmp_path_factory)
+    model["backbone"].update(depth=18)  # FCOS's GroupNorm head, per-level Scale and exp kept
+    model["neck"]["in_channels"] = [64, 128, 256, 512]
+    return model
+
+
+@pytest.fixture(scope="module")
+def faster_rcnn_cfg(tmp_path_factory):
     model = _config("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", tmp_path_factory)
     model["backbone"].update(depth=18)
     model["neck"]["in_channels"] = [64, 128, 256, 512]
@@ -80,7 +88,7 @@ def _assert_same_detections(a, b, atol: float) -> None:
     assert torch.equal(a.labels, b.labels)
 
 
-@pytest.mark.parametrize("which", ["retinanet", "faster_rcnn"])
+@pytest.mark.parametrize("which", ["retinanet", "fcos", "faster_rcnn"])
 def test_all_policy_equals_plain_detector_frame_after_frame(which, request, one_thread):
     plain, wrapped = _build_pair(request.getfixturevalue(f"{which}_cfg"), policy="all")
     for t, frame in enumerate(_moving_clip(3, streams=2)):

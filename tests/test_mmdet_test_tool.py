@@ -179,3 +179,30 @@ def test_unconverted_pedestron_checkpoint_is_named(tree, checkpoint, tmp_path):
 def test_missing_checkpoint_file_is_named(tree, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth does not exist"):
         _run(DENSE, str(tmp_path / "nothing.pth"), tree, tmp_path, blockcopy=False)
+
+
+def test_hook_writes_a_video_of_the_policys_decisions(tree, checkpoint, tmp_path, one_thread):
+    import cv2
+
+    _run(BLOCKCOPY, checkpoint, tree, tmp_path, blockcopy=True, **{"custom_hooks.0.video_clips": 2,
+                                                                    "custom_hooks.0.warmup_clips": 0})
+    videos = sorted((tmp_path / "videos").glob("clip_*.mp4"))
+    assert [v.name for v in videos] == ["clip_0.mp4", "clip_1.mp4"]
+    capture = cv2.VideoCapture(str(videos[0]))
+    frames = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    ok, image = capture.read()
+    capture.release()
+    assert ok and frames == CLIP_LENGTH
+    assert image.shape == (256, 512, 3)  # a 2x2 mosaic of half-size 256x512 frames
+
+
+def test_clips_run_as_streams_of_one_batch(dense_run, tree, checkpoint, tmp_path, one_thread):
+    """batch_size=2 with ClipBatchSampler: frame t of two clips per time step (the third clip alone); with the
+    `all` policy the detections are still the dense ones, and the learned policy runs on 2 streams."""
+    streams = {"test_dataloader.batch_size": 2, "test_dataloader.batch_sampler.type": "ClipBatchSampler"}
+    _run(BLOCKCOPY, checkpoint, tree, tmp_path / "all", blockcopy=True, **streams, **{"model.blockcopy.policy": "all"})
+    assert _detections(tmp_path / "all") == _detections(dense_run[0])
+    _run(BLOCKCOPY, checkpoint, tree, tmp_path / "rl", blockcopy=True, **streams)
+    stats = json.loads(next((tmp_path / "rl").glob("*/blockcopy_results.json")).read_text())["statistics"]
+    assert stats["frames"] == 2, "two scored time steps: clips 0 and 1 together, then clip 2"
+    assert stats["full_frames"] == 0 and 0.0 < stats["executed_fraction"] < 1.0
