@@ -118,3 +118,9 @@ class TileIndex:
 
     def __len__(self) -> int:
         return self.stream.numel()
+
+    def triples(self) -> list[tuple[int, int, int]]:
+        """The K (stream, row, column) triples as Python ints (read once per frame, for per-tile loops)."""
+        if "_triples" not in self.__dict__:
+            object.__setattr__(self, "_triples", list(zip(*(t.tolist() for t in (self.stream, self.row, self.col)))))
+        return self.__dict__["_triples"]

@@ -34,7 +34,10 @@ def scatter_tiles(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) ->
     """Write (K, C, T, T) tiles into their blocks of the dense (N, C, Gh*T, Gw*T) ``state``, in place."""
     kernels = _kernels(state)
     if kernels is None or tiles.device != state.device:
-        scatter_tiles_reference(state, tiles, index)
+        if state.device.type == "cpu" and tiles.device == state.device:
+            _scatter_tiles_cpu(state, tiles, index)
+        else:
+            scatter_tiles_reference(state, tiles, index)
         return
     tiles = tiles.to(state.dtype).contiguous(memory_format=_memory_format(state))
     kernels.scatter_tiles(state, tiles, *_index_tensors(index, state.device))
@@ -61,6 +64,8 @@ def gather_tiles(state: torch.Tensor, index: TileIndex, tile_size: int,
     _check_halo(state, halo, border)
     kernels = _kernels(state)
     if kernels is None:
+        if state.device.type == "cpu" and (border in ("constant", "replicate") or not any(halo)):
+            return _gather_tiles_cpu(state, index, tile_size, halo, border, value)
         return gather_tiles_reference(state, index, tile_size, halo, border, value)
     return kernels.gather_tiles(state, *_index_tensors(index, state.device), tile_size, *halo, border,
                                 float(value))
@@ -131,6 +136,43 @@ def gather_tiles_reference(state: torch.Tensor, index: TileIndex, tile_size: int
     cols = (index.col * tile_size)[:, None] + steps_x  # (K, Tw)
     tiles = state[index.stream[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # (K, Th, Tw, C)
     return tiles.permute(0, 3, 1, 2).contiguous(memory_format=memory_format)
+
+
+def _scatter_tiles_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) -> None:
+    """:func:`scatter_tiles_reference` as one block copy per tile: on the CPU, advanced-index assignment
+    computes an offset per element and took longer than the tiles' convolutions."""
+    t = tiles.shape[-1]
+    tiles = tiles.to(state.dtype)
+    for k, (stream, row, col) in enumerate(index.triples()):
+        state[stream, :, row * t:(row + 1) * t, col * t:(col + 1) * t].copy_(tiles[k])
+
+
+def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
+                      border: str, value: float) -> torch.Tensor:
+    """:func:`gather_tiles_reference` for ``constant`` and ``replicate`` borders as one window copy per
+    tile: no padded copy of the whole map, no per-element index arithmetic. The part of a window outside
+    the image is filled with ``value`` or, for ``replicate``, by padding that window alone (a replicated
+    border depends only on the edge pixels inside the window)."""
+    left, right, top, bottom = halo
+    height, width = state.shape[-2:]
+    tile_h, tile_w = tile_size + top + bottom, tile_size + left + right
+    out = torch.empty(len(index), state.shape[1], tile_h, tile_w, dtype=state.dtype, device=state.device,
+                      memory_format=_memory_format(state))
+    for k, (stream, row, col) in enumerate(index.triples()):
+        y0, x0 = row * tile_size - top, col * tile_size - left
+        in_y0, in_y1 = max(y0, 0), min(y0 + tile_h, height)
+        in_x0, in_x1 = max(x0, 0), min(x0 + tile_w, width)
+        window = state[stream, :, in_y0:in_y1, in_x0:in_x1]
+        pad_top, pad_left = in_y0 - y0, in_x0 - x0
+        pad_bottom, pad_right = y0 + tile_h - in_y1, x0 + tile_w - in_x1
+        if not (pad_top or pad_bottom or pad_left or pad_right):
+            out[k].copy_(window)
+        elif border == "constant":
+            out[k].fill_(value)
+            out[k, :, pad_top:pad_top + in_y1 - in_y0, pad_left:pad_left + in_x1 - in_x0].copy_(window)
+        else:
+            out[k].copy_(F.pad(window[None], (pad_left, pad_right, pad_top, pad_bottom), mode="replicate")[0])
+    return out
 
 
 def _memory_format(state: torch.Tensor) -> torch.memory_format:
