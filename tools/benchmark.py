@@ -4,8 +4,11 @@
 For each model, dtype, batch N (streams) and executed fraction f, three per-frame times are measured
 with CUDA events as the median over ``--frames`` frames after ``--warmup`` frames:
 
-- dense: the model at its best (channels_last, the given dtype, one CUDA graph), frames copied into
-  its static input and the output copied out, as a video loop would;
+- compiled dense: the strongest dense baseline a user would pick, the same model compiled with
+  ``torch.compile`` (inductor, ``freezing``: BatchNorm folded into the convolutions, mode
+  "reduce-overhead": CUDA graphs), same dtype and channels_last; speed-ups are quoted against it;
+- dense (eager + graph): the model run eagerly inside one CUDA graph (channels_last, the given dtype),
+  frames copied into its static input and the output copied out, as a video loop would;
 - block-sparse: ``blockcopy_core.convert(model, block)`` on random grids executing round(f * B) blocks
   per stream (rounded up to the 1/16 bucket), the whole ``forward`` call including its host read;
 - memory: what the block-sparse model keeps allocated per stream (layer states, outputs, static inputs
@@ -28,6 +31,7 @@ import gc
 import json
 import platform
 import statistics
+import time
 
 import torch
 import torchvision
@@ -97,7 +101,23 @@ def random_grids(count: int, n: int, gh: int, gw: int, fraction: float, device) 
 
 
 @torch.no_grad()
-def measure(model_name, dtype, n, fractions, height, width, block, frames, warmup, profile) -> list[dict]:
+def compiled_ms(model, video, frames: int, warmup: int) -> tuple[float, float]:
+    """(median ms per frame, compile seconds) of ``model`` under ``torch.compile`` with inductor,
+    freezing and CUDA graphs."""
+    torch._inductor.config.freezing = True
+    fast = torch.compile(model, mode="reduce-overhead")
+    started = time.perf_counter()
+    fast(video[0])
+    torch.cuda.synchronize()
+    compile_seconds = time.perf_counter() - started
+    ms = median_ms(lambda i: fast(video[i % len(video)]), frames, warmup)
+    torch._dynamo.reset()
+    return ms, compile_seconds
+
+
+@torch.no_grad()
+def measure(model_name, dtype, n, fractions, height, width, block, frames, warmup, profile,
+            compile_dense) -> list[dict]:
     device = torch.device("cuda")
     model = trunk(model_name).to(device=device, dtype=dtype, memory_format=torch.channels_last)
     video = [torch.randn(n, 3, height, width, device=device, dtype=dtype).contiguous(
@@ -105,6 +125,7 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
     dense = graphed(model, video[0])
     dense_ms = median_ms(lambda i: dense(video[i % 4]), frames, warmup)
     dense_macs = bc.count_macs(model, video[0])
+    best_ms, compile_seconds = compiled_ms(model, video, frames, warmup) if compile_dense else (dense_ms, 0.0)
 
     gh, gw = height // block, width // block
     rows = []
@@ -128,6 +149,8 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
             "model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": n, "fraction": fraction,
             "executed_fraction": executed / (n * gh * gw), "dense_ms": dense_ms, "sparse_ms": sparse_ms,
             "tiles_only_ms": tiles_ms, "overhead_ms": sparse_ms - tiles_ms, "speedup": dense_ms / sparse_ms,
+            "compiled_dense_ms": best_ms, "compile_seconds": compile_seconds,
+            "speedup_vs_compiled": best_ms / sparse_ms,
             "ideal_speedup": 1 / fraction, "dense_gmacs_per_stream": dense_macs / n / 1e9,
             "sparse_gmacs_per_stream": sparse.last_stats.macs / n / 1e9,
             "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs),
@@ -150,6 +173,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", default="benchmark.json")
     parser.add_argument("--profile", action="store_true", help="add a per-kind GPU kernel time breakdown")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the compiled dense baseline (its speed-up column then repeats eager + graph)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/benchmark.py measures GPU speed and needs a CUDA device")
@@ -162,7 +187,7 @@ def main() -> None:
     rows = []
     for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
         rows += measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
-                        args.frames, args.warmup, args.profile)
+                        args.frames, args.warmup, args.profile, not args.no_compile)
     environment = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
@@ -177,14 +202,16 @@ def main() -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """The results as a Markdown table (times are per frame, all N streams together)."""
-    lines = ["| model | dtype | N | f | executed | dense ms | sparse ms | speed-up | ideal | tiles-only ms | "
-             "overhead ms | MiB/stream | kernels conv / tile / other ms |", "|" + " --- |" * 13]
+    lines = ["| model | dtype | N | f | executed | compiled dense ms | dense (eager + graph) ms | sparse ms | "
+             "vs compiled | vs eager + graph | ideal | tiles-only ms | overhead ms | MiB/stream | "
+             "kernels conv / tile / other ms |", "|" + " --- |" * 15]
     for r in rows:
         kernels = (f"{r['kernel_ms_convolution']:.2f} / {r['kernel_ms_tile_kernels']:.2f} / "
                    f"{r['kernel_ms_other']:.2f}" if "kernel_ms_convolution" in r else "-")
         lines.append(
-            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.1f} | {r['executed_fraction']:.3f} | "
-            f"{r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
+            f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.4g} | {r['executed_fraction']:.3f} | "
+            f"{r['compiled_dense_ms']:.2f} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | "
+            f"{r['speedup_vs_compiled']:.2f}x | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
             f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {r['sparse_memory_mib_per_stream']:.0f} | "
             f"{kernels} |")
     return "\n".join(lines)
