@@ -3,6 +3,7 @@ CSP at a quarter of its width): dense and BlockCopy configs, the official miss r
 policy files, equality of the `all` policy with dense, 2 processes equal to 1, checkpoints that do not fit."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -22,8 +23,10 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import test as test_tool  # noqa: E402  (tools/test.py)
+# tools/test.py by path: "test" is also the name of Python's own regression-test package
+_spec = importlib.util.spec_from_file_location("mmdet_test_tool", ROOT / "tools" / "test.py")
+test_tool = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(test_tool)
 
 from blockcopy_mmdet.checkpoint import CheckpointMismatchError  # noqa: E402
 
