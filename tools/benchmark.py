@@ -156,7 +156,7 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
             "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs),
             **{f"kernel_ms_{k}": v for k, v in breakdown.items()},
         })
-        del sparse, tiles_only
+        sparse = tiles_only = None  # free the engine (states, CUDA graphs) before the next fraction
         torch.cuda.empty_cache()
     return rows
 
