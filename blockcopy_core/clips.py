@@ -25,7 +25,7 @@ class VideoModel:
     :meth:`_count` with the batch's :class:`StepResult` after it. A block policy is kept as
     ``self.blockcopy`` set with :meth:`_set_blockcopy`: not a child module, so the model's ``state_dict``
     is the task model's (checkpoints load unchanged), yet ``.to()`` moves it to the model's device (its dtype
-    stays fp32).
+    stays fp32) and starts new clips.
 
     Attributes:
         annotated_statistics, unannotated_statistics: :class:`RunStatistics` of the time steps whose batch
@@ -52,6 +52,7 @@ class VideoModel:
         if "blockcopy" in self.__dict__ and parameter is not None:
             # The device only: the policy keeps training in fp32 when the task model runs in fp16 or bf16.
             self.blockcopy.to(parameter.device)
+            self.reset()  # the clip state (previous results, masks, engine state) stays behind: start afresh
         return self
 
     @property

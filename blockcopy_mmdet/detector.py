@@ -205,12 +205,6 @@ class BlockCopyDetector(VideoModel, BaseDetector):
             raise NotImplementedError(TRAINING_NOT_SUPPORTED)
         return super().train(False)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        if "blockcopy" in self.__dict__:
-            self.reset()  # the engine's clip state stays where it was: start afresh on the new device or dtype
-        return self
-
     def loss(self, batch_inputs, batch_data_samples):
         raise NotImplementedError(TRAINING_NOT_SUPPORTED)
 

@@ -59,6 +59,7 @@ from mmdet.registry import DATASETS
 from mmengine.fileio import exists, load
 
 from blockcopy_core.data import cityscapes
+from blockcopy_core.data import clips as video_clips
 
 from .samplers import clip_lengths_of
 
@@ -156,11 +157,7 @@ class CityPersonsVideoDataset(BaseDetDataset):
 
     def clip_ranges(self) -> list[range]:
         """The dataset indices of each clip, in order (e.g. to draw warm-up clips from)."""
-        ranges, start = [], 0
-        for length in clip_lengths_of(self):
-            ranges.append(range(start, start + length))
-            start += length
-        return ranges
+        return video_clips.shard_clips(clip_lengths_of(self), rank=0, world_size=1)[1]  # all clips, one shard
 
 
 def _read_annotations(ann_file: str, backend_args: dict | None,
