@@ -26,6 +26,7 @@ VECTOR = "vector"
 STANDARD_DIMS = (-2, -1)  # the (H, W) dims of an (N, C, H, W) map, counted from the end
 
 _active = threading.local()
+_tracing = threading.local()  # .tracer: the FX tracer while a frame body is traced (see compiled.py)
 
 
 class Activation(torch.Tensor):
@@ -47,7 +48,7 @@ class Activation(torch.Tensor):
 def wrap(tensor: torch.Tensor, role: str, halo: tuple[int, int, int, int] | None = None,
          spatial_dims: tuple[int, int] = STANDARD_DIMS) -> Activation:
     """View a plain tensor as an Activation of the given role and layout (no copy)."""
-    out = tensor.as_subclass(Activation)
+    out = _view_as(tensor, Activation)
     out.bc_role = role
     out.bc_halo = halo
     out.bc_spatial_dims = spatial_dims
@@ -59,11 +60,35 @@ def spatial_dims(x: Activation) -> tuple[int, int]:
     return x.dim() + x.bc_spatial_dims[0], x.dim() + x.bc_spatial_dims[1]
 
 
+def plain(x: torch.Tensor) -> torch.Tensor:
+    """A plain-tensor view of an Activation (no copy)."""
+    with torch._C.DisableTorchFunctionSubclass():
+        return _view_as(x, torch.Tensor)
+
+
+def _view_as(tensor: torch.Tensor, cls: type) -> torch.Tensor:
+    """``tensor.as_subclass(cls)``; while a forward is traced to an FX graph the new Python object is
+    given the traced value of ``tensor`` (the tracer follows tensors by object, and as_subclass makes a
+    new one without an op it could record)."""
+    out = tensor.as_subclass(cls)
+    tracer = getattr(_tracing, "tracer", None)
+    if tracer is not None:
+        from torch.fx.experimental import proxy_tensor
+        proxy = proxy_tensor.get_proxy_slot(tensor, tracer, None)
+        if proxy is not None:
+            proxy_tensor.set_proxy_slot(out, tracer, proxy)
+    return out
+
+
+def trace_with(tracer) -> None:
+    """Follow Activations in ``tracer`` (``make_fx``'s proxy tracer) from now on; None stops."""
+    _tracing.tracer = tracer
+
+
 def unwrap(value: Any) -> Any:
     """Plain-tensor views of the Activations in ``value`` (tensors, lists, tuples, dicts)."""
     if isinstance(value, Activation):
-        with torch._C.DisableTorchFunctionSubclass():
-            return value.as_subclass(torch.Tensor)
+        return plain(value)
     if isinstance(value, (list, tuple)):
         return type(value)(unwrap(v) for v in value)
     if isinstance(value, dict):

@@ -35,6 +35,8 @@ class BlockCopyConfig:
             so that only ``buckets`` shapes occur (one CUDA graph each).
         cuda_graphs: capture each bucket's sparse forward as a CUDA graph (CUDA only).
         dense_when_full: run a frame that executes every block as the plain dense model.
+        compile: run each bucket's frame as one program compiled by inductor (elementwise ops fused
+            with the tile moves; see :mod:`blockcopy_core.compiled`). Buckets compile on first use.
         warmup_clips: training clips the policy learns on before evaluation (the method's 400).
         online_learning: keep updating the policy while evaluating (the method does).
     """
@@ -50,6 +52,7 @@ class BlockCopyConfig:
     buckets: int = 16
     cuda_graphs: bool = True
     dense_when_full: bool = True
+    compile: bool = False
     warmup_clips: int = 400
     online_learning: bool = True
 
@@ -65,7 +68,7 @@ class BlockCopyConfig:
         _check_int("update_interval", self.update_interval, minimum=1)
         _check_int("buckets", self.buckets, minimum=1)
         _check_int("warmup_clips", self.warmup_clips, minimum=0)
-        for name in ("cuda_graphs", "dense_when_full", "online_learning"):
+        for name in ("cuda_graphs", "dense_when_full", "compile", "online_learning"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")
 
@@ -92,7 +95,8 @@ class BlockCopyConfig:
 
     def engine_options(self) -> dict[str, Any]:
         """Keyword settings of :func:`blockcopy_core.convert`."""
-        return {"cuda_graphs": self.cuda_graphs, "dense_when_full": self.dense_when_full, "buckets": self.buckets}
+        return {"cuda_graphs": self.cuda_graphs, "dense_when_full": self.dense_when_full, "buckets": self.buckets,
+                "compile": self.compile}
 
 
 def input_divisibility(block_size: int, size_divisibility: int = 0) -> int:

@@ -19,14 +19,15 @@ from torch.nn.modules.module import register_module_forward_hook, register_modul
 from torch.overrides import resolve_name
 from torch.utils import _pytree as pytree
 
-from .activation import SPATIAL, VECTOR, Activation, active_executor, wrap
+from .activation import SPATIAL, VECTOR, Activation, active_executor, plain, wrap
+from .compiled import FrameProgram, compile_frame
 from .config import BlockCopyConfig, input_divisibility
 from .errors import ConfigError, ControlFlowChangedError, InvalidInputError, UnsupportedOperationError
 from .graphs import BucketGraphs
 from .grid import FrameGeometry, TileIndex
 from .ops import HANDLERS
 from .state import LayerState
-from .tiles import block_tile_map, extract_tiles, scatter_tiles
+from .tiles import block_tile_map, extract_tiles, reference_only, scatter_tiles
 from .timing import OverheadTimer
 
 _OP_NAMES: dict = {}
@@ -129,7 +130,8 @@ class _FrameExecutor:
     def tile_map(self) -> torch.Tensor | None:
         """(N, Gh, Gw) int32 tile number of each executed block (-1 elsewhere), shared by all layers of
         the frame; built on CUDA only, where the fused update-and-gather kernel reads it."""
-        if self._tile_map is None and self.index is not None and self.index.stream.is_cuda:
+        if self._tile_map is None and self.index is not None and self.index.stream.is_cuda \
+                and not reference_only():
             g = self.geometry
             with self.engine._timer:
                 self._tile_map = block_tile_map(self.index, (g.batch, g.grid_height, g.grid_width))
@@ -145,7 +147,7 @@ class _FrameExecutor:
 
         def per_tile(value):
             if isinstance(value, Activation) and value.bc_role == VECTOR:
-                return value.as_subclass(torch.Tensor)[self.index.stream]
+                return plain(value)[self.index.stream]
             if isinstance(value, (list, tuple)):
                 return type(value)(per_tile(v) for v in value)
             return value
@@ -178,12 +180,20 @@ class BlockSparseModel(nn.Module):
     be padded to :attr:`size_divisibility`. A block-sparse forward needs eval mode and refuses training
     mode, naming the module.
 
-    On CUDA (with ``cuda_graphs=True``) the number of executed blocks is rounded up to a multiple of
-    1/``buckets`` of all N grids' blocks (the method's bucket rule, 16 buckets): the extra blocks are
-    drawn at random among the blocks not selected, so the frame costs what its bucket costs and each bucket's forward is
-    replayed from a CUDA graph; the one host read per frame is the executed-block count.
-    ``executed_grid`` is the grid that actually ran. With ``dense_when_full=True`` a frame that executes
-    every block runs the model densely (same result, no tile overhead).
+    On CUDA (with ``cuda_graphs=True``) and with ``compile=True`` the number of executed blocks is
+    rounded up to a multiple of 1/``buckets`` of all N grids' blocks (the method's bucket rule, 16
+    buckets): the extra blocks are drawn at random among the blocks not selected, so the frame costs
+    what its bucket costs and each bucket's forward is replayed from a CUDA graph; the one host read per
+    frame is the executed-block count. ``executed_grid`` is the grid that actually ran. With
+    ``dense_when_full=True`` a frame that executes every block runs the model densely (same result, no
+    tile overhead).
+
+    With ``compile=True`` each bucket's frame (and the dense-when-full frame) runs as one program
+    compiled by inductor (:mod:`blockcopy_core.compiled`): the model's elementwise ops fused with the
+    state writes and halo gathers, on CUDA inside the bucket's CUDA graph. A bucket compiles on its
+    first frame (tens of seconds for a ResNet-50) or ahead of time with :meth:`warmup`;
+    ``compile_seconds`` reports each. Programs are kept across clips; they are dropped when the model
+    moves (``.to()``) and rebuilt when a clip starts after its weights changed.
 
     Set ``time_overhead = True`` to have ``last_stats.overhead_seconds`` report the wall time of the
     engine's own work (tile gathers and scatters, state writes, tile indexing) on every frame that runs
@@ -191,12 +201,14 @@ class BlockSparseModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, block_size: int, *, cuda_graphs: bool = True,
-                 dense_when_full: bool = True, buckets: int = 16):
+                 dense_when_full: bool = True, buckets: int = 16, compile: bool = False):
         super().__init__()
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ConfigError("block_size", block_size, "a positive integer")
         if isinstance(buckets, bool) or not isinstance(buckets, int) or buckets < 1:
             raise ConfigError("buckets", buckets, "a positive integer")
+        if not isinstance(compile, bool):
+            raise ConfigError("compile", compile, "True or False")
         if isinstance(model, BlockSparseModel):
             raise ValueError("the model is already block-sparse (convert() was applied to it before)")
         _check_eval_mode(model)
@@ -212,9 +224,13 @@ class BlockSparseModel(nn.Module):
         self.cuda_graphs = cuda_graphs
         self.dense_when_full = dense_when_full
         self.buckets = buckets
+        self.compile = compile
         self.time_overhead = False
         self._timer = OverheadTimer()
         self._graphs = BucketGraphs()
+        self._programs: dict = {}  # (bucket, layouts) -> FrameProgram, kept across clips
+        self._weights_seen = None
+        self.compile_seconds: dict = {}  # bucket (executed-block count or "dense") -> seconds to compile
         self._module_stack: list[str] = []
         self._module_labels: dict[int, str] = {}
         object.__setattr__(self, "_grid_source", None)  # not a child module, not state
@@ -288,8 +304,10 @@ class BlockSparseModel(nn.Module):
                                             unexpected_keys, error_msgs)
 
     def _apply(self, fn, recurse=True):
-        # The clip's state (layer maps, outputs, CUDA graphs) holds tensors of the old dtype and device.
+        # The clip's state (layer maps, outputs, CUDA graphs) holds tensors of the old dtype and device,
+        # compiled programs the old weight tensors.
         self.reset()
+        self._programs.clear()
         return super()._apply(fn, recurse)
 
     def _push_module(self, module: nn.Module, args) -> None:
@@ -305,7 +323,9 @@ class BlockSparseModel(nn.Module):
         """Start a new clip: forget all state; the next frame must execute every block."""
         self._geometry: FrameGeometry | None = None
         self._input_format = None  # (pytree spec, strides, (dtype, device) per input) of the clip
+        self._input_layouts: list = []  # (shape, stride, dtype, device) of each input tensor of the clip
         self._layers: list[LayerState] = []
+        self._clip_programs: dict = {}  # bucket -> its compiled program bound to this clip's state
         self._output_spec = None
         self._outputs: list[torch.Tensor] = []
         self._graphs.clear()
@@ -347,13 +367,19 @@ class BlockSparseModel(nn.Module):
         input_format = (spec, strides, tuple((t.dtype, t.device) for t in inputs))
         first = self._geometry is None
         graphed = self.cuda_graphs and inputs[0].is_cuda
-        self._timer.start_frame(self.time_overhead and (first or not graphed), device)
+        bucketed = graphed or self.compile
+        self._timer.start_frame(self.time_overhead and (first or not bucketed), device)
         if not first and (geometry != self._geometry or input_format != self._input_format):
             raise InvalidInputError(
                 f"inputs changed mid-clip from {self._describe(self._geometry, self._input_format)} to "
                 f"{self._describe(geometry, input_format)}; call reset() to start a new clip")
         finite = torch.stack([torch.isfinite(t).all() for t in inputs]).all() if len(inputs) > 1 \
             else torch.isfinite(inputs[0]).all()
+        # random priorities for the extra blocks of a bucket, drawn outside the graphs (replays draw nothing)
+        noise = torch.rand(grid.shape, device=grid.device) if bucketed and not first else None
+        if graphed and not first:
+            # queued before the host read, so that after it only the graph launch is left to do
+            self._graphs.stage(*inputs, grid, noise)
         executed, finite = torch.stack([grid.sum(), finite]).tolist()  # the one host read
         if not finite:
             raise InvalidInputError("the frame contains NaN or infinite values")
@@ -364,24 +390,118 @@ class BlockSparseModel(nn.Module):
                                         "(its grid must be all True)")
             return self._start_clip(inputs, geometry, input_format)
         selected = executed
-        if graphed and executed:
-            quantum = max(total // self.buckets, 1)
-            executed = min(-(-executed // quantum) * quantum, total)
+        if bucketed and executed:
+            executed = self._bucket(executed, total)
         if executed == 0:
-            macs = 0
             self.executed_grid.zero_()
-        elif executed == total and self.dense_when_full:
-            macs = self._graphs.run("dense", self._refresh_dense, *inputs) if graphed \
-                else self._refresh_dense(*inputs)
-        elif graphed:
-            # random priorities for the extra blocks, drawn outside the graph: replays draw nothing
-            noise = torch.rand(grid.shape, device=grid.device)
+            self.last_stats = FrameStats(0, total, 0, self._overhead(), selected)
+            return self._current_outputs()
+        if executed == total and self.dense_when_full:
+            key, body, args = "dense", self._refresh_dense, inputs
+        elif bucketed:
+            key, args = executed, (*inputs, grid, noise)
             body = lambda *args: self._execute_tiles(args[:-2], args[-2], executed, args[-1])
-            macs = self._graphs.run(executed, body, *inputs, grid, noise)
         else:
-            macs = self._execute_tiles(inputs, grid, executed, None)
+            key, body, args = executed, lambda *args: self._execute_tiles(args[:-1], args[-1], executed, None), \
+                (*inputs, grid)
+        if self.compile:
+            body = self._compiled(key, body, args)
+        macs = self._graphs.run(key, body, len(args)) if graphed else body(*args)
         self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected)
         return self._current_outputs()
+
+    def _bucket(self, executed: int, total: int) -> int:
+        """``executed`` rounded up to the next bucket: a multiple of 1/``buckets`` of ``total``."""
+        quantum = max(total // self.buckets, 1)
+        return min(-(-executed // quantum) * quantum, total)
+
+    # Compiled frames (compile=True): the body of a bucket traced and compiled once, then run on the
+    # clip's state tensors, which are passed to the program explicitly.
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a frame body writes: layer states, outputs, frame state, executed grid."""
+        tensors = [layer.dense for layer in self._layers if layer.dense is not None] + list(self._outputs)
+        return tensors + ([self.frame_state] if self.frame_state is not None else []) + [self.executed_grid]
+
+    def _bind_state(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Install ``tensors`` (in :meth:`_state_tensors` order) as the clip's state; returns the old ones."""
+        previous = self._state_tensors()
+        tensors = list(tensors)
+        for layer in self._layers:
+            if layer.dense is not None:
+                layer.dense = tensors.pop(0)
+        self._outputs = [tensors.pop(0) for _ in self._outputs]
+        if self.frame_state is not None:
+            self.frame_state = tensors.pop(0)
+        self.executed_grid = tensors.pop(0)
+        return previous
+
+    def _program(self, key, body, args) -> tuple[FrameProgram, bool]:
+        """The compiled program of ``body`` for bucket ``key`` and these argument and state layouts, and
+        whether it was compiled by this call."""
+        state = self._state_tensors()
+        signature = (key, tuple(_layout(t) for t in (*args, *state)))
+        program: FrameProgram | None = self._programs.get(signature)
+        if program is not None:
+            return program, False
+        program = compile_frame(body, self._bind_state, args, state)
+        self._programs[signature] = program
+        self.compile_seconds[key] = program.compile_seconds
+        return program, True
+
+    def _compiled(self, key, body, args):
+        """``body`` (which returns its MACs) run by its compiled program (looked up once per clip)."""
+        run = self._clip_programs.get(key)
+        if run is None:
+            program, _ = self._program(key, body, args)
+            state = self._state_tensors()  # fixed for the clip
+
+            def run(*call_args):
+                program.run(*call_args, *state)
+                return program.macs
+
+            self._clip_programs[key] = run
+        return run
+
+    def warmup(self, fractions=None) -> dict:
+        """Compile (``compile=True``) the frame programs ahead of time, so that no timed frame compiles.
+
+        Needs a started clip (one frame run since :meth:`reset`): programs are built for its geometry and
+        input format, on copies of its state (the clip is left as it was), and kept for later clips of
+        the same shape.
+
+        Args:
+            fractions: executed fractions whose buckets to compile (each rounded up to its bucket, 1.0
+                being the dense frame); None: every bucket and, with ``dense_when_full``, the dense frame.
+
+        Returns:
+            {bucket: compile seconds} of the programs compiled by this call (executed-block counts, or
+            "dense").
+        """
+        if not self.compile:
+            raise InvalidInputError("warmup() compiles frame programs; convert the model with compile=True")
+        if self._geometry is None:
+            raise InvalidInputError("warmup() needs a started clip: run the clip's first frame (all blocks) first")
+        total = self._geometry.batch * self._geometry.blocks_per_frame
+        quantum = max(total // self.buckets, 1)
+        counts = sorted({self._bucket(max(round(f * total), 1), total) for f in fractions}) if fractions is not None \
+            else sorted({min(q, total) for q in range(quantum, total + quantum, quantum)})
+        inputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
+                  for shape, stride, dtype, device in self._input_layouts]
+        grid = torch.zeros(self._geometry.grid_shape, dtype=torch.bool, device=inputs[0].device)
+        compiled = {}
+        for count in counts:
+            if count == total and self.dense_when_full:
+                program, new = self._program("dense", self._refresh_dense, inputs)
+                key = "dense"
+            else:
+                noise = torch.rand(grid.shape, device=grid.device)
+                body = lambda *args, count=count: self._execute_tiles(args[:-2], args[-2], count, args[-1])
+                program, new = self._program(count, body, (*inputs, grid, noise))
+                key = count
+            if new:
+                compiled[key] = program.compile_seconds
+        return compiled
 
     def _overhead(self) -> float | None:
         return self._timer.seconds if self._timer.active else None
@@ -402,7 +522,16 @@ class BlockSparseModel(nn.Module):
         """The first frame: run densely, recording every spatial op's state and the output structure."""
         self.reset()
         self._input_format = input_format
+        self._input_layouts = [_layout(t) for t in inputs]
         _check_eval_mode(self._wrapped)
+        if self.compile:
+            # compiled programs read the weight tensors they were traced with: after a weight was
+            # replaced or changed in place (load_state_dict), compile again
+            weights = tuple((t.data_ptr(), t._version) for t in self._wrapped.state_dict(keep_vars=True).values()
+                            if isinstance(t, torch.Tensor))
+            if weights != self._weights_seen:
+                self._programs.clear()
+                self._weights_seen = weights
         self._module_labels = {id(module): f"{name} ({type(module).__name__})"
                                for name, module in self._wrapped.named_modules() if name}
         executor = _FrameExecutor(self, geometry, None, recording=True)
@@ -410,7 +539,7 @@ class BlockSparseModel(nn.Module):
         for i, leaf in enumerate(leaves):
             self._check_output_leaf(i, leaf, geometry, dense=True)
         with self._timer:
-            self._outputs = [leaf.as_subclass(torch.Tensor).clone() for leaf in leaves]
+            self._outputs = [plain(leaf).clone() for leaf in leaves]
             if input_format[1] == (1,):  # a frame, not feature maps
                 self.frame_state = inputs[0].clone()
             self.executed_grid = torch.ones(geometry.grid_shape, dtype=torch.bool, device=inputs[0].device)
@@ -428,7 +557,7 @@ class BlockSparseModel(nn.Module):
         leaves = self._model_outputs(executor, self._model_input(inputs))
         with self._timer:
             for buffer, leaf in zip(self._outputs, leaves):
-                buffer.copy_(leaf.as_subclass(torch.Tensor))
+                buffer.copy_(plain(leaf))
             if self.frame_state is not None:
                 self.frame_state.copy_(inputs[0])
             self.executed_grid.fill_(True)
@@ -446,7 +575,7 @@ class BlockSparseModel(nn.Module):
         leaves = self._model_outputs(executor, self._model_input(tiles))
         with self._timer:
             for buffer, leaf in zip(self._outputs, leaves):
-                scatter_tiles(buffer, leaf.as_subclass(torch.Tensor), index)
+                scatter_tiles(buffer, plain(leaf), index)
             g = self._geometry
             blocks = index.stream * g.blocks_per_frame + index.row * g.grid_width + index.col
             self.executed_grid.view(-1).zero_().index_fill_(0, blocks, True)
@@ -518,6 +647,11 @@ class BlockSparseModel(nn.Module):
                                  "every layer's stride")
 
 
+def _layout(t: torch.Tensor) -> tuple:
+    """What a compiled program assumes of a tensor argument: shape, strides, dtype and device."""
+    return tuple(t.shape), t.stride(), t.dtype, t.device
+
+
 def convert(model: nn.Module, block_size: int | None = None, *, config: BlockCopyConfig | None = None,
             **options) -> BlockSparseModel:
     """Make ``model`` run block-sparse with square blocks of ``block_size`` pixels, in place.
@@ -532,8 +666,8 @@ def convert(model: nn.Module, block_size: int | None = None, *, config: BlockCop
         model: the task network in eval mode (``model.eval()``).
         block_size: block side in pixels; give either it or ``config``.
         config: a :class:`BlockCopyConfig` (block size, buckets, CUDA graphs, dense-when-full).
-        **options: ``cuda_graphs``, ``dense_when_full``, ``buckets`` (see :class:`BlockSparseModel`),
-            only with ``block_size``.
+        **options: ``cuda_graphs``, ``dense_when_full``, ``buckets``, ``compile`` (see
+            :class:`BlockSparseModel`), only with ``block_size``.
 
     Raises:
         UnsupportedOperationError: when a module of ``model`` is in training mode.

@@ -37,16 +37,20 @@ class BucketGraphs:
     def __len__(self) -> int:
         return sum(graph is not None for graph, _ in self._graphs.values())
 
-    def run(self, key: Hashable, body: Body, *inputs: torch.Tensor) -> int:
-        """Run ``body(*inputs)`` (which returns its MAC count) through the graph of ``key``.
+    def stage(self, *inputs: torch.Tensor) -> None:
+        """Copy a frame's inputs into the static buffers the graphs read (by position)."""
+        self._static += [torch.empty_like(t) for t in inputs[len(self._static):]]
+        for buffer, value in zip(self._static, inputs):
+            buffer.copy_(value)
+
+    def run(self, key: Hashable, body: Body, count: int) -> int:
+        """Run ``body`` (which returns its MAC count) on the first ``count`` staged inputs through the
+        graph of ``key``.
 
         The first call of a key runs ``body`` eagerly on a side stream (computing this frame) and then
-        captures it; later calls only copy the inputs into the static buffers and replay.
+        captures it; later calls replay.
         """
-        self._static += [torch.empty_like(t) for t in inputs[len(self._static):]]
-        static = self._static[:len(inputs)]
-        for buffer, value in zip(static, inputs):
-            buffer.copy_(value)
+        static = self._static[:count]
         if key in self._graphs:
             graph, macs = self._graphs[key]
             if graph is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .activation import plain
 from .grid import TileIndex
 from .tiles import gather_tiles, scatter_tiles, update_and_gather
 from .timing import OverheadTimer
@@ -23,13 +24,15 @@ class LayerState:
         self.timer = timer  # the engine's, shared by all sites
         self.dense: torch.Tensor | None = None  # (N, C, H_l, W_l)
 
-    def store(self, dense: torch.Tensor) -> None:
-        """Replace the whole map by a dense (N, C, H_l, W_l) input (a fully executed frame)."""
+    def store(self, dense: torch.Tensor) -> torch.Tensor:
+        """Replace the whole map by a dense (N, C, H_l, W_l) input (a fully executed frame); returns the
+        stored map."""
         with self.timer:
             if self.dense is None or self.dense.shape != dense.shape or self.dense.dtype != dense.dtype:
-                self.dense = dense.detach().clone()
+                self.dense = plain(dense).detach().clone()
             else:
-                self.dense.copy_(dense)
+                self.dense.copy_(plain(dense))
+        return self.dense
 
     def update(self, tiles: torch.Tensor, index: TileIndex) -> None:
         """Write the executed (K, C, T, T) input tiles into the map."""

@@ -11,6 +11,8 @@ order (channels_last when the state is channels_last, for fast cuDNN convolution
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -23,6 +25,25 @@ from .grid import TileIndex
 BORDER_MODES = ("constant", "replicate", "reflect", "circular")
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_reference_only = False
+
+
+@contextlib.contextmanager
+def reference_moves():
+    """Within this context every tile move runs its pure-PyTorch ``*_reference`` form: plain indexing
+    ops that ``make_fx`` can trace and inductor can fuse (the CUDA kernels and the CPU per-tile loops
+    are opaque to a tracer, and the loops read the tile index on the host)."""
+    global _reference_only
+    previous, _reference_only = _reference_only, True
+    try:
+        yield
+    finally:
+        _reference_only = previous
+
+
+def reference_only() -> bool:
+    """True inside :func:`reference_moves`."""
+    return _reference_only
 
 
 def extract_tiles(frames: torch.Tensor, index: TileIndex, tile_size: int) -> torch.Tensor:
@@ -34,7 +55,7 @@ def scatter_tiles(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) ->
     """Write (K, C, T, T) tiles into their blocks of the dense (N, C, Gh*T, Gw*T) ``state``, in place."""
     kernels = _kernels(state)
     if kernels is None or tiles.device != state.device:
-        if state.device.type == "cpu" and tiles.device == state.device:
+        if state.device.type == "cpu" and tiles.device == state.device and not _reference_only:
             _scatter_tiles_cpu(state, tiles, index)
         else:
             scatter_tiles_reference(state, tiles, index)
@@ -64,7 +85,8 @@ def gather_tiles(state: torch.Tensor, index: TileIndex, tile_size: int,
     _check_halo(state, halo, border)
     kernels = _kernels(state)
     if kernels is None:
-        if state.device.type == "cpu" and (border in ("constant", "replicate") or not any(halo)):
+        if state.device.type == "cpu" and (border in ("constant", "replicate") or not any(halo)) \
+                and not _reference_only:
             return _gather_tiles_cpu(state, index, tile_size, halo, border, value)
         return gather_tiles_reference(state, index, tile_size, halo, border, value)
     return kernels.gather_tiles(state, *_index_tensors(index, state.device), tile_size, *halo, border,
@@ -114,11 +136,14 @@ def block_tile_map(index: TileIndex, grid_shape: tuple[int, int, int]) -> torch.
 
 
 def scatter_tiles_reference(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) -> None:
-    """Pure-PyTorch :func:`scatter_tiles`."""
-    n, c, h, w = state.shape
+    """Pure-PyTorch :func:`scatter_tiles`: one advanced-index assignment into ``state`` itself (not a view
+    of it), which inductor turns into an in-place scatter when it compiles a traced frame (on a view it
+    copied the whole state twice)."""
     t = tiles.shape[-1]
-    blocks = state.view(n, c, h // t, t, w // t, t)
-    blocks[index.stream, :, index.row, :, index.col, :] = tiles.to(state.dtype)
+    steps = torch.arange(t, device=state.device)
+    rows = (index.row * t)[:, None, None] + steps[:, None]  # (K, T, 1)
+    cols = (index.col * t)[:, None, None] + steps  # (K, 1, T)
+    state[index.stream[:, None, None], :, rows, cols] = tiles.to(state.dtype).permute(0, 2, 3, 1)
 
 
 def gather_tiles_reference(state: torch.Tensor, index: TileIndex, tile_size: int,
@@ -184,7 +209,7 @@ def _memory_format(state: torch.Tensor) -> torch.memory_format:
 
 def _kernels(state: torch.Tensor):
     """The CUDA kernel module when it serves ``state``, else None (use the reference)."""
-    if not state.is_cuda or state.dtype not in _KERNEL_DTYPES or state.dim() != 4:
+    if _reference_only or not state.is_cuda or state.dtype not in _KERNEL_DTYPES or state.dim() != 4:
         return None
     if not (state.is_contiguous() or state.is_contiguous(memory_format=torch.channels_last)):
         return None

@@ -38,12 +38,14 @@ def add_blockcopy_config(cfg: CN) -> None:
     _C.WEIGHT_DECAY = defaults.weight_decay
     # Frames per policy weight update.
     _C.UPDATE_INTERVAL = defaults.update_interval
-    # On CUDA the executed-block count is rounded up to a multiple of 1/BUCKETS of the grid.
+    # On CUDA (or with COMPILE) the executed-block count is rounded up to a multiple of 1/BUCKETS of the grid.
     _C.BUCKETS = defaults.buckets
     # Capture each bucket's block-sparse forward as a CUDA graph (CUDA only).
     _C.CUDA_GRAPHS = defaults.cuda_graphs
     # Run frames that execute every block as the plain dense model.
     _C.DENSE_WHEN_FULL = defaults.dense_when_full
+    # Run each bucket's frame as one program compiled by inductor (compiles on first use).
+    _C.COMPILE = defaults.compile
     # Training clips the policy learns on before evaluation (the method's 400).
     _C.WARMUP_CLIPS = defaults.warmup_clips
     # Keep updating the policy while evaluating (as the method does).

@@ -178,7 +178,7 @@ def test_config_defaults_are_the_methods():
     assert config.to_dict() == {
         "block_size": 128, "policy": "rl", "target": 0.3, "gamma": 5.0, "cost_momentum": 0.9, "lr": 1e-4,
         "weight_decay": 1e-3, "update_interval": 4, "buckets": 16, "cuda_graphs": True, "dense_when_full": True,
-        "warmup_clips": 400, "online_learning": True}
+        "compile": False, "warmup_clips": 400, "online_learning": True}
 
 
 @pytest.mark.parametrize("key, value, message", [

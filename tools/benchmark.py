@@ -11,6 +11,9 @@ with CUDA events as the median over ``--frames`` frames after ``--warmup`` frame
   frames copied into its static input and the output copied out, as a video loop would;
 - block-sparse: ``blockcopy_core.convert(model, block)`` on random grids executing round(f * B) blocks
   per stream (rounded up to the 1/16 bucket), the whole ``forward`` call including its host read;
+- compiled block-sparse: the same with ``compile=True`` (each bucket one inductor-compiled program in
+  its CUDA graph), compiled ahead of the timed frames with ``warmup()``; its compile time and its
+  largest relative difference from the eager engine on one frame (same executed blocks) are recorded;
 - memory: what the block-sparse model keeps allocated per stream (layer states, outputs, static inputs
   and the CUDA graphs' memory pool), after the timed frames;
 - tiles only: the same model (CUDA graph) on the batch of executed tiles alone, with plain zero padding
@@ -115,9 +118,32 @@ def compiled_ms(model, video, frames: int, warmup: int) -> tuple[float, float]:
     return ms, compile_seconds
 
 
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest |actual - expected| relative to the largest |expected| (computed in float32)."""
+    actual, expected = actual.float(), expected.float()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@torch.no_grad()
+def compiled_sparse_ms(model, eager, video, grids, block, frames: int, warmup: int, fraction: float) -> dict:
+    """Time ``convert(model, block, compile=True)`` on the grids, and compare one frame with ``eager``."""
+    n, _, height, width = video[0].shape
+    full = torch.ones(n, 1, height // block, width // block, dtype=torch.bool, device=video[0].device)
+    fast = bc.convert(model, block, compile=True)
+    fast(video[0], full)
+    compile_seconds = sum(fast.warmup([fraction]).values())
+    ms = median_ms(lambda i: fast(video[i % 4], grids[i % 16]), frames, warmup)
+    for engine in (fast, eager):
+        engine.reset()
+        engine(video[0], full)
+    out = fast(video[1], grids[0])
+    error = rel_error(out, eager(video[1], fast.executed_grid))
+    return {"compiled_sparse_ms": ms, "sparse_compile_seconds": compile_seconds, "compiled_rel_error": error}
+
+
 @torch.no_grad()
 def measure(model_name, dtype, n, fractions, height, width, block, frames, warmup, profile,
-            compile_dense) -> list[dict]:
+            compile_dense, compile_sparse) -> list[dict]:
     device = torch.device("cuda")
     model = trunk(model_name).to(device=device, dtype=dtype, memory_format=torch.channels_last)
     video = [torch.randn(n, 3, height, width, device=device, dtype=dtype).contiguous(
@@ -145,6 +171,10 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
         tiles_only = graphed(model, tiles)
         tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup)
         breakdown = kernel_breakdown(sparse, video[1], grids[0]) if profile else {}
+        fast = compiled_sparse_ms(model, sparse, video, grids, block, frames, warmup, fraction) \
+            if compile_sparse else {}
+        if fast:
+            fast["compiled_speedup_vs_compiled"] = best_ms / fast["compiled_sparse_ms"]
         rows.append({
             "model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": n, "fraction": fraction,
             "executed_fraction": executed / (n * gh * gw), "dense_ms": dense_ms, "sparse_ms": sparse_ms,
@@ -154,7 +184,7 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
             "ideal_speedup": 1 / fraction, "dense_gmacs_per_stream": dense_macs / n / 1e9,
             "sparse_gmacs_per_stream": sparse.last_stats.macs / n / 1e9,
             "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs),
-            **{f"kernel_ms_{k}": v for k, v in breakdown.items()},
+            **{f"kernel_ms_{k}": v for k, v in breakdown.items()}, **fast,
         })
         sparse = tiles_only = None  # free the engine (states, CUDA graphs) before the next fraction
         torch.cuda.empty_cache()
@@ -175,6 +205,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="add a per-kind GPU kernel time breakdown")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the compiled dense baseline (its speed-up column then repeats eager + graph)")
+    parser.add_argument("--no-compile-sparse", action="store_true",
+                        help="skip the compiled block-sparse engine (compile=True)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("tools/benchmark.py measures GPU speed and needs a CUDA device")
@@ -187,7 +219,7 @@ def main() -> None:
     rows = []
     for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
         rows += measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
-                        args.frames, args.warmup, args.profile, not args.no_compile)
+                        args.frames, args.warmup, args.profile, not args.no_compile, not args.no_compile_sparse)
     environment = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
@@ -202,15 +234,18 @@ def main() -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """The results as a Markdown table (times are per frame, all N streams together)."""
-    lines = ["| model | dtype | N | f | executed | compiled dense ms | dense (eager + graph) ms | sparse ms | "
-             "vs compiled | vs eager + graph | ideal | tiles-only ms | overhead ms | MiB/stream | "
-             "kernels conv / tile / other ms |", "|" + " --- |" * 15]
+    lines = ["| model | dtype | N | f | executed | compiled dense ms | dense (eager + graph) ms | "
+             "compiled sparse ms | vs compiled dense | sparse (eager engine) ms | vs compiled dense | "
+             "vs eager + graph | ideal | tiles-only ms | overhead ms | MiB/stream | "
+             "kernels conv / tile / other ms |", "|" + " --- |" * 17]
     for r in rows:
         kernels = (f"{r['kernel_ms_convolution']:.2f} / {r['kernel_ms_tile_kernels']:.2f} / "
                    f"{r['kernel_ms_other']:.2f}" if "kernel_ms_convolution" in r else "-")
+        fast = (f"{r['compiled_sparse_ms']:.2f} | {r['compiled_speedup_vs_compiled']:.2f}x"
+                if "compiled_sparse_ms" in r else "- | -")
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.4g} | {r['executed_fraction']:.3f} | "
-            f"{r['compiled_dense_ms']:.2f} | {r['dense_ms']:.2f} | {r['sparse_ms']:.2f} | "
+            f"{r['compiled_dense_ms']:.2f} | {r['dense_ms']:.2f} | {fast} | {r['sparse_ms']:.2f} | "
             f"{r['speedup_vs_compiled']:.2f}x | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
             f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {r['sparse_memory_mib_per_stream']:.0f} | "
             f"{kernels} |")

@@ -34,6 +34,13 @@ def call(func, args, kwargs):
     return func(*unwrap(tuple(args)), **unwrap(kwargs))
 
 
+def with_input(args: Sequence, kwargs: dict, x: torch.Tensor) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` of an op with its input (the first argument) replaced by ``x``."""
+    if args:
+        return (x, *args[1:]), kwargs
+    return (), {**kwargs, "input": x}
+
+
 def wrap_result(result, role: str, halo=None, layout: tuple[int, int] = STANDARD_DIMS):
     """Wrap every tensor in an op's result as an Activation of ``role`` (``layout``: its spatial dims)."""
     if isinstance(result, torch.Tensor):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..activation import SPATIAL, VECTOR, spatial_dims, wrap
+from ..activation import SPATIAL, VECTOR, plain, spatial_dims, wrap
 from .common import bind, call, normalize_dims, position_dims, require_standard_layout
 from .pointwise import channel_op, elementwise
 
@@ -64,7 +64,7 @@ def group_norm(ex, name, func, args, kwargs):
     compute = torch.promote_types(dense.dtype, torch.float32)  # fp16/bf16 statistics in fp32, fp64 in fp64
     var, mu = torch.var_mean(dense.reshape(n, groups, -1).to(compute), dim=-1, unbiased=False)  # (N, G)
     inv_std = torch.rsqrt(var + eps)
-    tiles = x.as_subclass(torch.Tensor)
+    tiles = plain(x)
     k, _, th, tw = tiles.shape
     grouped = tiles.reshape(k, groups, -1).to(compute)
     stream = ex.index.stream

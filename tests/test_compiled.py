@@ -1,0 +1,174 @@
+"""The compiled engine (compile=True) against the eager one: the same blocks give the same outputs.
+
+Each frame of the compiled model runs the executed grid it reports through an eager model of the same
+weights, which must give the same outputs: fp32 within 1e-4 of the largest output (summation order
+differs: inductor fuses and reorders elementwise work), fp16/bf16 within the tolerances of the eager
+engine against its oracle (tests/test_engine_cuda.py), since both sides round at different points.
+Grids execute a fixed number of blocks, so that each model compiles one bucket (compiling is slow on
+the CPU: 10-30 s per program on two cores).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import blockcopy_core as bc
+from blockcopy_core import ConfigError, InvalidInputError
+from nets import ARCHITECTURES
+from oracle import rel_error
+
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+
+
+def grids_with(count: int, shape, frames: int, device) -> list[torch.Tensor]:
+    """``frames`` random (N, 1, Gh, Gw) grids, each executing exactly ``count`` blocks."""
+    total = int(torch.tensor(shape).prod())
+    grids = []
+    for _ in range(frames):
+        grid = torch.zeros(total, dtype=torch.bool, device=device)
+        grid[torch.randperm(total, device=device)[:count]] = True
+        grids.append(grid.view(shape))
+    return grids
+
+
+def compare_with_eager(name: str, device: str, dtype=torch.float32, memory_format=torch.contiguous_format,
+                       n: int = 2, frames: int = 3) -> float:
+    """Largest relative error of a compiled model's frames against the eager engine on the same grids."""
+    factory, block, height, width = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    model = factory().to(device=device, dtype=dtype, memory_format=memory_format)
+    eager, compiled = bc.convert(model, block), bc.convert(factory(), block, compile=True)
+    compiled.load_state_dict(model.state_dict())
+    compiled.to(device=device, dtype=dtype, memory_format=memory_format)
+    shape = (n, 1, height // block, width // block)
+    full = torch.ones(shape, dtype=torch.bool, device=device)
+    x = torch.randn(n, 3, height, width, device=device, dtype=dtype).contiguous(memory_format=memory_format)
+    eager(x, full)
+    compiled(x, full)
+    errors = []
+    with torch.no_grad():
+        for grid in grids_with(max(full.numel() // 3, 1), shape, frames, device):
+            x = (x + 0.5 * torch.randn_like(x)).contiguous(memory_format=memory_format)
+            out = compiled(x, grid)
+            assert bool((compiled.executed_grid | ~grid).all()), "every selected block must execute"
+            errors.append(rel_error(out, eager(x, compiled.executed_grid)))
+    assert len(compiled.compile_seconds) == 1, "frames of one bucket share one program"
+    return max(errors)
+
+
+@pytest.mark.parametrize("name", ["resnet_fpn", "mobilenet_v3_like", "op_zoo", "unet_like"])
+def test_compiled_equals_eager_on_cpu(name):
+    assert compare_with_eager(name, "cpu") <= TOLERANCE[torch.float32]
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 4, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def small_model() -> nn.Module:
+    torch.manual_seed(0)
+    return Small().eval()
+
+
+def test_warmup_compiles_ahead_and_programs_outlive_clips():
+    model = small_model()
+    sparse = bc.convert(model, 16, compile=True, buckets=4)  # 2 streams x 2x2 blocks: buckets of 2 blocks
+    full = torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(InvalidInputError, match="started clip"):
+        sparse.warmup()
+    sparse(x, full)
+    compiled = sparse.warmup([0.2, 0.25])  # both round up to the bucket of 2 blocks
+    assert list(compiled) == [2] and compiled[2] > 0
+    assert sparse.warmup([0.25]) == {}, "a compiled bucket is not compiled again"
+    grid = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    grid[0, 0, 0, 1] = True
+    with torch.no_grad():
+        sparse(x + 1, grid)
+    assert sparse.last_stats.executed_blocks == 2, "one block rounded up to its bucket"
+    assert bool(sparse.executed_grid[0, 0, 0, 1])
+    sparse.reset()
+    sparse(x, full)
+    assert sparse.warmup([0.25]) == {}, "programs are kept across clips"
+    eager = bc.convert(small_model(), 16)
+    eager(x, full)
+    with torch.no_grad():
+        out = sparse(x - 1, grid)
+        assert rel_error(out, eager(x - 1, sparse.executed_grid)) <= TOLERANCE[torch.float32]
+
+
+def test_changed_weights_compile_again():
+    """Programs read the weights they were traced with: a clip after load_state_dict must not use them."""
+    model = small_model()
+    sparse = bc.convert(model, 16, compile=True, buckets=4)
+    full = torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    x = torch.randn(2, 3, 32, 32)
+    sparse(x, full)
+    sparse.warmup([0.5])
+    other = Small().eval()
+    for p in other.parameters():
+        nn.init.normal_(p)
+    sparse.load_state_dict(other.state_dict())
+    sparse.reset()
+    sparse(x, full)
+    assert sparse.warmup([0.5]) != {}, "new weights: the bucket compiles again"
+    eager = bc.convert(other, 16)
+    eager(x, full)
+    grid = torch.zeros(2, 1, 2, 2, dtype=torch.bool)
+    grid[1, 0, 1, 1] = grid[0, 0, 0, 0] = True
+    with torch.no_grad():
+        out = sparse(x * 2, grid)
+        assert rel_error(out, eager(x * 2, sparse.executed_grid)) <= TOLERANCE[torch.float32]
+    sparse.double()
+    assert not sparse._programs, "a model moved to another dtype drops its programs"
+
+
+def test_compile_setting_is_validated():
+    with pytest.raises(ConfigError, match="compile"):
+        bc.convert(small_model(), 16, compile="yes")
+    with pytest.raises(ConfigError, match="compile"):
+        bc.BlockCopyConfig(compile=1)
+    assert bc.BlockCopyConfig(compile=True).engine_options()["compile"] is True
+    sparse = bc.convert(small_model(), 16)
+    sparse(torch.randn(1, 3, 16, 16), torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    with pytest.raises(InvalidInputError, match="compile=True"):
+        sparse.warmup()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("name,dtype,memory_format", [
+    *[(name, torch.float16, torch.channels_last) for name in sorted(ARCHITECTURES)],
+    ("resnet50_trunk", torch.float32, torch.contiguous_format),
+    ("op_zoo", torch.float32, torch.contiguous_format),
+    ("resnet_fpn", torch.bfloat16, torch.channels_last),
+], ids=str)
+def test_compiled_equals_eager_on_cuda(name, dtype, memory_format):
+    """Compiled programs inside CUDA graphs against the eager engine's CUDA kernels and graphs."""
+    error = compare_with_eager(name, "cuda", dtype, memory_format, frames=4)
+    print(f"{name} {dtype}: max rel error {error:.2e}")
+    assert error <= TOLERANCE[dtype]
+
+
+def test_full_frame_runs_the_compiled_dense_program():
+    model = small_model()
+    sparse = bc.convert(model, 16, compile=True)
+    full = torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    sparse(torch.randn(2, 3, 32, 32), full)
+    assert list(sparse.warmup([1.0])) == ["dense"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert rel_error(sparse(x, full), model(x)) <= TOLERANCE[torch.float32]
+        grid = torch.zeros_like(full)
+        grid[1, 0, 0, 1] = True
+        eager = bc.convert(small_model(), 16)
+        eager(x, full)
+        out = sparse(x * 3, grid)  # a sparse frame after the dense one reads the states it wrote
+        assert rel_error(out, eager(x * 3, sparse.executed_grid)) <= TOLERANCE[torch.float32]
