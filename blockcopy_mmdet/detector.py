@@ -119,7 +119,7 @@ class BlockCopyDetector(VideoModel, BaseDetector):
             ``TwoStageDetector`` subclass, e.g. ``CSP``, ``MGAN``, ``RetinaNet``, ``FasterRCNN``).
         blockcopy: the BlockCopy settings, the fields of :class:`blockcopy_core.BlockCopyConfig`
             (``block_size``, ``policy``, ``target``, ``gamma``, ``cost_momentum``, ``lr``, ``weight_decay``,
-            ``update_interval``, ``buckets``, ``cuda_graphs``, ``dense_when_full``, ``warmup_clips``,
+            ``update_interval``, ``buckets``, ``cuda_graphs``, ``dense_when_full``, ``compile``, ``warmup_clips``,
             ``online_learning``); missing ones keep the method's defaults.
         classes: the detector's labels the policy sees (one input mask each) and the information gain
             counts; default all of the detector's classes.

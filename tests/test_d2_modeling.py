@@ -117,6 +117,17 @@ def test_static_clip_equals_dense_for_any_policy(kind, policy, device):
     assert blockcopy.blockcopy.statistics.policy_executed_fraction < 1.0
 
 
+def test_compiled_engine_runs_through_the_plugin():
+    """MODEL.BLOCKCOPY.COMPILE: backbone and head run compiled programs (two buckets: few compiles on
+    the CPU) and a static clip still gives the dense outputs."""
+    plain, blockcopy = models("retinanet", POLICY="random", TARGET=0.5, COMPILE=True, BUCKETS=2)
+    with torch.no_grad():
+        for batch in clip(3, static=True):
+            assert_same_outputs(blockcopy(batch), plain(batch), tol=1e-4)
+    assert blockcopy.backbone.compile_seconds, "the backbone ran compiled programs"
+    assert blockcopy.head.compile_seconds, "the head ran compiled programs"
+
+
 @pytest.mark.parametrize("device", ["cpu", CUDA])
 def test_sparse_frames_run_the_policy_and_follow_clips(device):
     _, blockcopy = models("mask_rcnn", device, POLICY="random", TARGET=0.5)
