@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from .adapters import OutputAdapter
@@ -45,17 +46,23 @@ class DenseRunner:
     """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface.
 
     On CUDA the model runs as one CUDA graph, as the block-sparse runs do, so that their times compare.
+    With ``compile=True`` it runs under ``torch.compile`` instead (inductor with freezing; on CUDA mode
+    "reduce-overhead", i.e. CUDA graphs): the dense side of a comparison with a block-sparse model
+    converted with ``compile=True``. It compiles on the first frame.
 
     Args:
         model: the task network (eval mode).
         adapter: decodes the model's outputs into results.
         block_size: block side in pixels (for the block counts of the statistics).
+        compile: run the model compiled.
     """
 
-    def __init__(self, model: torch.nn.Module, adapter: OutputAdapter, block_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, adapter: OutputAdapter, block_size: int, *,
+                 compile: bool = False) -> None:
         self.model = model
         self.adapter = adapter
         self.block_size = block_size
+        self.compile = compile
         self._macs: int | None = None
         self._forward = None
         self.reset_statistics()
@@ -72,7 +79,10 @@ class DenseRunner:
         size = (frames.shape[-2], frames.shape[-1])
         if self._forward is None:
             self._macs = count_macs(self.model, frames)
-            self._forward = graphed(self.model, frames) if frames.is_cuda else self.model
+            if self.compile:
+                self._forward = _compiled_forward(self.model, frames)
+            else:
+                self._forward = graphed(self.model, frames) if frames.is_cuda else self.model
         _synchronize(frames)
         start = time.perf_counter()
         outputs = self._forward(frames)
@@ -89,6 +99,18 @@ class DenseRunner:
                           None, seconds)
         self.statistics.add(step)
         return step
+
+
+def _compiled_forward(model: torch.nn.Module, example: torch.Tensor):
+    """``model`` under ``torch.compile`` (inductor, BatchNorm folded by freezing; CUDA graphs on CUDA),
+    compiled on ``example``; each call returns copies of the outputs (CUDA-graph outputs are overwritten
+    by the next call)."""
+    from torch._inductor import config as inductor_config
+
+    fast = torch.compile(model, mode="reduce-overhead" if example.is_cuda else None)
+    with inductor_config.patch(freezing=True):
+        fast(example)
+    return lambda frames: tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fast(frames))
 
 
 def _synchronize(frames: torch.Tensor) -> None:

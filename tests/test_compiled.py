@@ -15,6 +15,7 @@ from torch import nn
 
 import blockcopy_core as bc
 from blockcopy_core import ConfigError, InvalidInputError
+from blockcopy_core.protocol import DenseRunner
 from nets import ARCHITECTURES
 from oracle import rel_error
 
@@ -172,3 +173,16 @@ def test_full_frame_runs_the_compiled_dense_program():
         eager(x, full)
         out = sparse(x * 3, grid)  # a sparse frame after the dense one reads the states it wrote
         assert rel_error(out, eager(x * 3, sparse.executed_grid)) <= TOLERANCE[torch.float32]
+
+
+def test_compiled_dense_runner_gives_the_models_results():
+    """DenseRunner(compile=True), the dense side of a compiled comparison (tools/run_video.py --compile)."""
+    model = small_model()
+    runner = DenseRunner(model, bc.SemanticSegmentationAdapter(4), 16, compile=True)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(1, 3, 32, 32)
+            step = runner.step(x)
+            assert rel_error(step.outputs, model(x)) <= TOLERANCE[torch.float32]
+            torch.testing.assert_close(step.result, torch.softmax(model(x), dim=1), rtol=1e-4, atol=1e-5)
+    assert runner.statistics.frames == 2

@@ -80,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain-clip", type=int, default=20,
                         help="clip length of the pre-training passes (each clip starts with a full frame)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="run dense under torch.compile (inductor, freezing; CUDA graphs on a GPU) and "
+                             "BlockCopy with the compiled engine (compile=True), every bucket compiled "
+                             "before the run")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch's intra-op parallelism (default: torch's, one per core); "
                              "use 1 on a machine busy with other work (there, 2 threads on 2 cores ran 10x "
@@ -113,12 +117,19 @@ def run_one(method: str, tau: float | None, model, adapter, video: Path, args, n
     """Run one method over frames 1..num_frames as one clip; return its statistics and post-warm-up
     detections."""
     torch.manual_seed(args.seed)
-    if method == "dense":
-        runner = DenseRunner(model, adapter, BLOCK_SIZE)
-    else:
-        runner = BlockCopy(model, adapter, block_size=BLOCK_SIZE, policy=method, target=tau)
-    label = "dense" if tau is None else f"{method} tau={tau:g}"
     prepare = lambda frame: frame[None].to(args.device, torch.float32)  # noqa: E731  (one stream)
+    compile_seconds = 0.0
+    if method == "dense":
+        runner = DenseRunner(model, adapter, BLOCK_SIZE, compile=args.compile)
+    else:
+        runner = BlockCopy(model, adapter, block_size=BLOCK_SIZE, policy=method, target=tau, compile=args.compile)
+        if args.compile:  # compile every bucket now, so that no timed frame compiles
+            first = prepare(next(iter(VideoReader(video, 0, 1, as_tensor=True))))
+            runner.sparse(first, torch.ones(1, 1, first.shape[-2] // BLOCK_SIZE, first.shape[-1] // BLOCK_SIZE,
+                                            dtype=torch.bool, device=first.device))
+            compile_seconds = sum(runner.sparse.warmup().values())
+            runner.reset()
+    label = "dense" if tau is None else f"{method} tau={tau:g}"
     if method == "rl" and args.pretrain_epochs:
         frames = list(VideoReader(video, 0, args.warmup, as_tensor=True))
         clips = [frames[start:start + args.pretrain_clip] for start in range(0, len(frames), args.pretrain_clip)]
@@ -150,7 +161,8 @@ def run_one(method: str, tau: float | None, model, adapter, video: Path, args, n
     if method == "rl":
         torch.save(runner.policy.state_dict(), args.output_dir / f"policy_rl_tau{tau:g}.pt")
     return {"method": method, "tau": tau, "statistics": runner.statistics, "warmup_statistics": warmup_stats,
-            "detections": detections, "wall_seconds": time.perf_counter() - start}
+            "detections": detections, "wall_seconds": time.perf_counter() - start,
+            "compile_seconds": compile_seconds}
 
 
 def visualise(step: StepResult, frame: torch.Tensor, frame_state: torch.Tensor, executed: torch.Tensor,
@@ -190,6 +202,7 @@ def evaluate(run: dict, ground_truth: list | None, ignore: list | None, dense_de
         "ms_per_frame": stats.ms_per_frame(),
         "eval_frames": stats.frames,
         "wall_seconds": run["wall_seconds"],
+        "compile_seconds": run["compile_seconds"],
     }
 
 
@@ -326,7 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"video": video.name, "ground_truth": None if gt_path is None else gt_path.name, "frames": num_frames, "warmup": args.warmup,
                    "evaluated_frames": [eval_numbers.start, eval_numbers.stop - 1], "taus": args.taus,
                    "methods": args.methods, "seed": args.seed, "threads": torch.get_num_threads(),
-                   "block_size": BLOCK_SIZE,
+                   "block_size": BLOCK_SIZE, "compile": args.compile,
                    "pretrain_epochs": args.pretrain_epochs, "pretrain_clip": args.pretrain_clip,
                    "ig_classes": list(adapter.classes), "ig_score_threshold": adapter.score_threshold},
         "runs": rows,
