@@ -38,26 +38,47 @@ import time
 
 import torch
 import torchvision
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
 
+def torchvision_trunk(name: str) -> torch.nn.Module:
+    """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
+    is scaled to 0.5: with torchvision's initialisation ResNet-101's activations pass fp16's range
+    (3.8e5 at stride 32), and the infinities would hide differences between the engines."""
+    model = getattr(torchvision.models, name)()
+    for block in model.modules():
+        if isinstance(block, torchvision.models.resnet.Bottleneck):
+            torch.nn.init.constant_(block.bn3.weight, 0.5)
+    return torch.nn.Sequential(*list(model.children())[:-2])
+
+
+def detectron2_r50_fpn() -> torch.nn.Module:
+    """Detectron2's Mask R-CNN backbone (model zoo ``mask_rcnn_R_50_FPN_3x``: ResNet-50 with
+    FrozenBatchNorm2d, FPN with nearest upsampling and a max-pooled p6), random weights; returns the
+    dict of levels p2-p6."""
+    from detectron2 import model_zoo
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    cfg = get_cfg()
+    cfg.merge_from_file(model_zoo.get_config_file("COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"))
+    cfg.MODEL.DEVICE = "cpu"
+    return build_backbone(cfg)
+
+
 TRUNKS = {
-    "resnet50": torchvision.models.resnet50,
-    "resnet101": torchvision.models.resnet101,
+    "resnet50": lambda: torchvision_trunk("resnet50"),
+    "resnet101": lambda: torchvision_trunk("resnet101"),
+    "d2_r50_fpn": detectron2_r50_fpn,
 }
 
 
 def trunk(name: str) -> torch.nn.Module:
-    """The network up to stride 32, random weights. The last BatchNorm of each residual branch is scaled
-    to 0.5: with torchvision's initialisation ResNet-101's activations pass fp16's range (3.8e5 at
-    stride 32), and the infinities would hide differences between the engines."""
-    model = TRUNKS[name]()
-    for block in model.modules():
-        if isinstance(block, torchvision.models.resnet.Bottleneck):
-            torch.nn.init.constant_(block.bn3.weight, 0.5)
-    return torch.nn.Sequential(*list(model.children())[:-2]).eval()
+    """The benchmarked network ``name`` (a key of TRUNKS) in eval mode."""
+    return TRUNKS[name]().eval()
 
 
 def median_ms(step, frames: int, warmup: int) -> float:
@@ -125,10 +146,14 @@ def compiled_ms(model, video, frames: int, warmup: int) -> tuple[float, float]:
     return ms, compile_seconds
 
 
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Largest |actual - expected| relative to the largest |expected| (computed in float32)."""
-    actual, expected = actual.float(), expected.float()
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
+def rel_error(actual, expected) -> float:
+    """Largest |actual - expected| relative to the largest |expected| over the maps of two outputs
+    (tensors or dicts of them), computed in float32."""
+    errors = []
+    for a, e in zip(tree_leaves(actual), tree_leaves(expected)):
+        a, e = a.float(), e.float()
+        errors.append(((a - e).abs().max() / e.abs().max()).item())
+    return max(errors)
 
 
 @torch.no_grad()
@@ -200,7 +225,8 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="resnet50,resnet101")
+    parser.add_argument("--models", default="resnet50,resnet101",
+                        help=f"comma-separated, of {sorted(TRUNKS)} (d2_r50_fpn needs Detectron2)")
     parser.add_argument("--dtypes", default="fp16,fp32")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--fractions", default="0.1,0.3,0.5,1.0")
