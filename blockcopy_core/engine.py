@@ -490,7 +490,7 @@ class BlockSparseModel(nn.Module):
                   for shape, stride, dtype, device in self._input_layouts]
         grid = torch.zeros(self._geometry.grid_shape, dtype=torch.bool, device=inputs[0].device)
         compiled = {}
-        for count in counts:
+        for count in _progress(counts, "compiling buckets"):
             if count == total and self.dense_when_full:
                 program, new = self._program("dense", self._refresh_dense, inputs)
                 key = "dense"
@@ -645,6 +645,16 @@ class BlockSparseModel(nn.Module):
                 op, module_path, f"its output has stride {stride} relative to the frame, which does not divide "
                                  f"the block size {self.block_size}; use a block size that is a multiple of "
                                  "every layer's stride")
+
+
+def _progress(items: list, description: str):
+    """``items`` with a progress bar when there are several and tqdm is installed (the engine itself
+    needs only torch)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=description, unit="bucket", disable=len(items) < 2)
 
 
 def _layout(t: torch.Tensor) -> tuple:

@@ -100,7 +100,7 @@ def compiled(module: torch.nn.Module):
 
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
-            warmup: int, block: int, ceiling: bool, device: torch.device) -> list[dict]:
+            warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool) -> list[dict]:
     dtype = DTYPES[dtype_name]
     detector_cfg = Config.fromfile(str(CONFIGS[name])).model
     torch.manual_seed(0)
@@ -124,13 +124,15 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     compiled_ms = time_steps(dense_step(fast), frames, warmup)
     outputs = fast(video[0])
     post_ms = time_steps(lambda i: predict_from_trunk(plain, outputs, metas[0]), frames, warmup)
-    row = {"model": name, "dtype": dtype_name, "streams": n, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
+    row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
+           "eager_ms": eager_ms, "compiled_ms": compiled_ms,
            "compile_seconds": compile_s, "postprocess_ms": post_ms,
            "boxes_per_frame": statistics.mean(boxes), "blockcopy": {}}
     for tau in taus:
         torch.manual_seed(0)
         wrapped = MODELS.build(dict(type="BlockCopyDetector", detector=detector_cfg,
-                                    blockcopy=dict(block_size=block, policy="rl", target=tau)))
+                                    blockcopy=dict(block_size=block, policy="rl", target=tau,
+                                                   compile=compile_engine)))
         wrapped.load_state_dict(plain.state_dict())
         wrapped.to(device=device, dtype=dtype, memory_format=torch.channels_last)
         ms = time_steps(lambda i: wrapped.predict(video[i], metas[i]), 1, warmup)  # first frame dense, warm-up
@@ -183,6 +185,10 @@ def main() -> None:
     parser.add_argument("--ceiling", action="store_true",
                         help="also time the compiled network on only the executed tiles (one more compilation per tau)")
     parser.add_argument("--device", default="cuda", help="cuda (speed); cpu only checks that the script runs")
+    parser.add_argument("--eager-engine", action="store_true",
+                        help="run BlockCopy with the eager engine instead of compile=True (buckets compile on "
+                             "first use, during the warm-up steps or, for rare ones, in a timed step: the median "
+                             "ignores those)")
     parser.add_argument("--json", default="benchmark_detectors.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -195,7 +201,8 @@ def main() -> None:
         for dtype_name in args.dtypes.split(","):
             for n in (int(v) for v in args.streams.split(",")):
                 rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
-                                args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device))
+                                args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
+                                not args.eager_engine)
                 print(markdown_table(rows[-1:]), flush=True)
                 torch._dynamo.reset()
     environment = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
