@@ -11,6 +11,7 @@ per-clip state and the per-frame bookkeeping.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,8 @@ from torch.utils import _pytree as pytree
 from .activation import SPATIAL, VECTOR, Activation, active_executor, plain, wrap
 from .compiled import FrameProgram, compile_frame
 from .config import BlockCopyConfig, input_divisibility
-from .errors import ConfigError, ControlFlowChangedError, InvalidInputError, UnsupportedOperationError
+from .errors import (BlockCopyError, ConfigError, ControlFlowChangedError, InvalidInputError,
+                     UnsupportedOperationError)
 from .graphs import BucketGraphs
 from .grid import FrameGeometry, TileIndex
 from .ops import HANDLERS
@@ -193,7 +195,8 @@ class BlockSparseModel(nn.Module):
     state writes and halo gathers, on CUDA inside the bucket's CUDA graph. A bucket compiles on its
     first frame (tens of seconds for a ResNet-50) or ahead of time with :meth:`warmup`;
     ``compile_seconds`` reports each. Programs are kept across clips; they are dropped when the model
-    moves (``.to()``) and rebuilt when a clip starts after its weights changed.
+    moves (``.to()``) and rebuilt when a clip starts after its weights changed. A bucket that fails to
+    compile runs eagerly, with a warning.
 
     Set ``time_overhead = True`` to have ``last_stats.overhead_seconds`` report the wall time of the
     engine's own work (tile gathers and scatters, state writes, tile indexing) on every frame that runs
@@ -436,17 +439,24 @@ class BlockSparseModel(nn.Module):
         self.executed_grid = tensors.pop(0)
         return previous
 
-    def _program(self, key, body, args) -> tuple[FrameProgram, bool]:
-        """The compiled program of ``body`` for bucket ``key`` and these argument and state layouts, and
-        whether it was compiled by this call."""
+    def _program(self, key, body, args) -> tuple[FrameProgram | None, bool]:
+        """The compiled program of ``body`` for bucket ``key`` and these argument and state layouts (None:
+        compiling failed, the bucket runs eagerly), and whether it was compiled by this call."""
         state = self._state_tensors()
         signature = (key, tuple(_layout(t) for t in (*args, *state)))
-        program: FrameProgram | None = self._programs.get(signature)
-        if program is not None:
-            return program, False
-        program = compile_frame(body, self._bind_state, args, state)
+        if signature in self._programs:
+            return self._programs[signature], False
+        try:
+            program = compile_frame(body, self._bind_state, args, state)
+            self.compile_seconds[key] = program.compile_seconds
+        except BlockCopyError:
+            raise  # the eager body raises it too: an unsupported op, changed control flow, ...
+        except Exception as error:  # what inductor cannot compile runs eagerly, as an uncapturable graph does
+            warnings.warn(f"blockcopy: compiling the frame program of bucket {key!r} failed "
+                          f"({type(error).__name__}: {error}); this bucket runs eagerly", RuntimeWarning,
+                          stacklevel=4)
+            program = None
         self._programs[signature] = program
-        self.compile_seconds[key] = program.compile_seconds
         return program, True
 
     def _compiled(self, key, body, args):
@@ -460,8 +470,8 @@ class BlockSparseModel(nn.Module):
                 program.run(*call_args, *state)
                 return program.macs
 
-            self._clip_programs[key] = run
-        return run
+            self._clip_programs[key] = run if program is not None else body
+        return self._clip_programs[key]
 
     def warmup(self, fractions=None) -> dict:
         """Compile (``compile=True``) the frame programs ahead of time, so that no timed frame compiles.
@@ -476,7 +486,7 @@ class BlockSparseModel(nn.Module):
 
         Returns:
             {bucket: compile seconds} of the programs compiled by this call (executed-block counts, or
-            "dense").
+            "dense"); None for a bucket whose compilation failed (it runs eagerly; a warning says why).
         """
         if not self.compile:
             raise InvalidInputError("warmup() compiles frame programs; convert the model with compile=True")
@@ -500,7 +510,7 @@ class BlockSparseModel(nn.Module):
                 program, new = self._program(count, body, (*inputs, grid, noise))
                 key = count
             if new:
-                compiled[key] = program.compile_seconds
+                compiled[key] = None if program is None else program.compile_seconds
         return compiled
 
     def _overhead(self) -> float | None:

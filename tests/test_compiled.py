@@ -186,3 +186,29 @@ def test_compiled_dense_runner_gives_the_models_results():
             assert rel_error(step.outputs, model(x)) <= TOLERANCE[torch.float32]
             torch.testing.assert_close(step.result, torch.softmax(model(x), dim=1), rtol=1e-4, atol=1e-5)
     assert runner.statistics.frames == 2
+
+
+def test_a_bucket_that_fails_to_compile_runs_eagerly(monkeypatch):
+    """What inductor cannot compile must not stop the video: that bucket runs the eager body, with a
+    warning naming the failure (as a bucket whose CUDA graph cannot be captured does)."""
+    import blockcopy_core.engine as engine
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("inductor lowering failed")
+
+    monkeypatch.setattr(engine, "compile_frame", failing)
+    model = small_model()
+    sparse, eager = bc.convert(model, 16, compile=True, buckets=4), bc.convert(small_model(), 16)
+    full = torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    x = torch.randn(2, 3, 32, 32)
+    sparse(x, full)
+    eager(x, full)
+    grid = torch.zeros_like(full)
+    grid[0, 0, 1, 0] = True
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="inductor lowering failed"):
+        out = sparse(x + 2, grid)
+    assert rel_error(out, eager(x + 2, sparse.executed_grid)) <= TOLERANCE[torch.float32]
+    assert sparse.executed_grid.sum() == 2, "one block rounded up to the bucket of 2"
+    assert sparse.warmup([0.25]) == {}, "the failed bucket is not compiled again"
+    with pytest.warns(RuntimeWarning, match="bucket 'dense'"):
+        assert sparse.warmup([0.5, 1.0]) == {4: None, "dense": None}
