@@ -5,7 +5,7 @@ import torch
 
 from .activation import plain
 from .grid import TileIndex
-from .tiles import gather_tiles, scatter_tiles, update_and_gather
+from .tiles import gather_tap_windows, gather_tiles, scatter_tiles, update_and_gather
 from .timing import OverheadTimer
 
 
@@ -45,6 +45,13 @@ class LayerState:
         """``update`` then ``gather`` of the same blocks (one fused pass where the kernels have one)."""
         with self.timer:
             return update_and_gather(self.dense, tiles, index, halo, border, value, tile_map)
+
+    def gather_taps(self, index: TileIndex, tile_size: int, kernel: tuple[int, int], dilation: tuple[int, int],
+                    before: tuple[int, int]) -> torch.Tensor:
+        """The window of each kernel tap of a stride-1 convolution, per executed tile (see
+        :func:`blockcopy_core.tiles.gather_tap_windows`): (K, C, k_h*T, k_w*T)."""
+        with self.timer:
+            return gather_tap_windows(self.dense, index, tile_size, kernel, dilation, before)
 
     def gather(self, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
                border: str = "constant", value: float = 0.0) -> torch.Tensor:

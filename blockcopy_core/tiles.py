@@ -175,28 +175,64 @@ def _scatter_tiles_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileInde
 def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
                       border: str, value: float) -> torch.Tensor:
     """:func:`gather_tiles_reference` for ``constant`` and ``replicate`` borders as one window copy per
-    tile: no padded copy of the whole map, no per-element index arithmetic. The part of a window outside
-    the image is filled with ``value`` or, for ``replicate``, by padding that window alone (a replicated
-    border depends only on the edge pixels inside the window)."""
+    tile: no padded copy of the whole map, no per-element index arithmetic."""
     left, right, top, bottom = halo
-    height, width = state.shape[-2:]
     tile_h, tile_w = tile_size + top + bottom, tile_size + left + right
     out = torch.empty(len(index), state.shape[1], tile_h, tile_w, dtype=state.dtype, device=state.device,
                       memory_format=_memory_format(state))
     for k, (stream, row, col) in enumerate(index.triples()):
-        y0, x0 = row * tile_size - top, col * tile_size - left
-        in_y0, in_y1 = max(y0, 0), min(y0 + tile_h, height)
-        in_x0, in_x1 = max(x0, 0), min(x0 + tile_w, width)
-        window = state[stream, :, in_y0:in_y1, in_x0:in_x1]
-        pad_top, pad_left = in_y0 - y0, in_x0 - x0
-        pad_bottom, pad_right = y0 + tile_h - in_y1, x0 + tile_w - in_x1
-        if not (pad_top or pad_bottom or pad_left or pad_right):
-            out[k].copy_(window)
-        elif border == "constant":
-            out[k].fill_(value)
-            out[k, :, pad_top:pad_top + in_y1 - in_y0, pad_left:pad_left + in_x1 - in_x0].copy_(window)
-        else:
-            out[k].copy_(F.pad(window[None], (pad_left, pad_right, pad_top, pad_bottom), mode="replicate")[0])
+        _copy_window(out[k], state[stream], row * tile_size - top, col * tile_size - left, border, value)
+    return out
+
+
+def _copy_window(out: torch.Tensor, frame: torch.Tensor, y0: int, x0: int, border: str, value: float) -> None:
+    """Copy the (C, h, w) window of ``frame`` (C, H, W) at (y0, x0) into ``out``. The part of a window
+    outside the image is filled with ``value`` or, for ``replicate``, by padding that window alone (a
+    replicated border depends only on the edge pixels inside the window)."""
+    height, width = frame.shape[-2:]
+    h, w = out.shape[-2:]
+    in_y0, in_y1 = min(max(y0, 0), height), max(min(y0 + h, height), 0)
+    in_x0, in_x1 = min(max(x0, 0), width), max(min(x0 + w, width), 0)
+    pad_top, pad_left = in_y0 - y0, in_x0 - x0
+    pad_bottom, pad_right = y0 + h - in_y1, x0 + w - in_x1
+    window = frame[:, in_y0:in_y1, in_x0:in_x1]
+    if not (pad_top or pad_bottom or pad_left or pad_right):
+        out.copy_(window)
+    elif border == "constant" or not window.numel():
+        out.fill_(value)
+        out[:, pad_top:pad_top + in_y1 - in_y0, pad_left:pad_left + in_x1 - in_x0].copy_(window)
+    else:
+        out.copy_(F.pad(window[None], (pad_left, pad_right, pad_top, pad_bottom), mode="replicate")[0])
+
+
+def gather_tap_windows(state: torch.Tensor, index: TileIndex, tile_size: int, kernel: tuple[int, int],
+                       dilation: tuple[int, int], before: tuple[int, int]) -> torch.Tensor:
+    """What a stride-1 convolution reads for each executed tile, one T x T window per kernel tap.
+
+    Tap (a, b) of a kernel with dilation (d_h, d_w) and leading padding (p_h, p_w) reads, for the tile
+    at (row, col), the T x T window starting at (row*T - p_h + a*d_h, col*T - p_w + b*d_w). The windows
+    are laid side by side, tap (a, b) at rows a*T and columns b*T, zero outside the image, so that the
+    convolution with dilation T and no padding of the result gives the tile's outputs. A halo gather
+    reads (T + d_h(k_h-1)) x (T + d_w(k_w-1)) pixels instead: far more where the dilation exceeds the
+    tile (DeepLab's ASPP: dilation 36 on 16-px tiles, 88x88 against 48x48).
+
+    Returns:
+        (K, C, k_h*T, k_w*T), in ``state``'s memory order.
+    """
+    (k_h, k_w), (d_h, d_w), (p_h, p_w), t = kernel, dilation, before, tile_size
+    if state.device.type != "cpu" or _reference_only:  # slices of the halo gather: exact, nothing saved
+        halo = (p_w, d_w * (k_w - 1) - p_w, p_h, d_h * (k_h - 1) - p_h)
+        grown = gather_tiles(state, index, t, halo)
+        rows = [grown[..., a * d_h:a * d_h + t, :] for a in range(k_h)]
+        return torch.cat([torch.cat([r[..., b * d_w:b * d_w + t] for b in range(k_w)], dim=-1) for r in rows],
+                         dim=-2).contiguous(memory_format=_memory_format(state))
+    out = torch.empty(len(index), state.shape[1], k_h * t, k_w * t, dtype=state.dtype, device=state.device,
+                      memory_format=_memory_format(state))
+    for k, (stream, row, col) in enumerate(index.triples()):
+        for a in range(k_h):
+            for b in range(k_w):
+                _copy_window(out[k, :, a * t:(a + 1) * t, b * t:(b + 1) * t], state[stream],
+                             row * t - p_h + a * d_h, col * t - p_w + b * d_w, "constant", 0.0)
     return out
 
 

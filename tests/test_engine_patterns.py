@@ -87,6 +87,9 @@ PATTERNS = {
     "avg_pool_ceil_mode_no_effect": lambda: pattern(
         nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False), nn.Conv2d(6, 4, 3, padding=1)),
     "focus_space_to_depth": lambda: pattern(Lambda(focus), nn.Conv2d(24, 4, 3, padding=1)),
+    # dilation beyond the 16-px tile: on the CPU one window per kernel tap is gathered (tiles.gather_tap_windows)
+    "dilation_beyond_tile": lambda: pattern(nn.Conv2d(6, 6, 3, padding=20, dilation=20, groups=2),
+                                            nn.Conv2d(6, 4, (3, 5), padding=(17, 36), dilation=(17, 18))),
 }
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..activation import SPATIAL, VECTOR, plain, wrap
+from ..tiles import reference_only
 from ..macs import conv_macs, conv_transpose_macs
 from .common import bind, call, pair, require_standard_layout, with_input
 
@@ -44,9 +45,11 @@ def _window_halo(kernel, stride, dilation, padding) -> Halo:
 
 
 def _run_window(ex, name, x, run_dense, run_tiles, kernel, stride, dilation, padding,
-                border="constant", value=0.0):
+                border="constant", value=0.0, run_taps=None):
     """Run a conv/pool-like op on ``x`` (dense map or tiles): ``run_dense(map)`` with the op's own
-    padding, ``run_tiles(tiles)`` with zero padding."""
+    padding, ``run_tiles(tiles)`` with zero padding; ``run_taps(windows, T)`` (convolutions) on the
+    windows of :func:`blockcopy_core.tiles.gather_tap_windows` where those are smaller than the halo'd
+    tiles."""
     require_standard_layout(ex, name, x)
     if x.bc_halo is not None:  # grown by F.pad: the op itself must not pad again
         if any(p for pp in padding for p in pp):
@@ -63,8 +66,22 @@ def _run_window(ex, name, x, run_dense, run_tiles, kernel, stride, dilation, pad
         return out
     tiles = plain(x)
     if any(halo):
-        tiles = ex.site(name).update_and_gather(tiles, ex.index, halo, border, value, ex.tile_map)
+        site, t = ex.site(name), tiles.shape[-1]
+        if run_taps is not None and _taps_pay(tiles, kernel, stride, halo):
+            site.update(tiles, ex.index)
+            return run_taps(site.gather_taps(ex.index, t, kernel, dilation, (padding[0][0], padding[1][0])), t)
+        tiles = site.update_and_gather(tiles, ex.index, halo, border, value, ex.tile_map)
     return run_tiles(tiles)
+
+
+def _taps_pay(tiles, kernel, stride, halo: Halo) -> bool:
+    """Whether a stride-1 convolution reads fewer pixels per tile as one window per tap than as a halo'd
+    tile (dilation beyond the tile size). On the CPU only: there the gathers' copies dominate the
+    overhead, while on CUDA the fused halo gather is one bandwidth-bound kernel."""
+    t = tiles.shape[-1]
+    left, right, top, bottom = halo
+    return tiles.device.type == "cpu" and not reference_only() and tuple(stride) == (1, 1) \
+        and kernel[0] * kernel[1] * t * t < (t + top + bottom) * (t + left + right)
 
 
 def _conv_tiles(tiles, weight, bias, stride, dilation, groups):
@@ -93,7 +110,8 @@ def conv2d(ex, name, func, args, kwargs):
         out = _run_window(
             ex, name, x, lambda t: call(func, *with_input(args, kwargs, t)),
             lambda t: _conv_tiles(t, weight, bias, stride, dilation, groups),
-            kernel, stride, dilation, pads)
+            kernel, stride, dilation, pads,
+            run_taps=lambda windows, t: F.conv2d(windows, weight, bias, 1, 0, (t, t), groups))
     ex.add_macs(conv_macs(out, weight))
     return wrap(out, x.bc_role)
 
