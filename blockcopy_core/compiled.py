@@ -31,8 +31,8 @@ from . import activation, tiles
 
 @dataclass
 class FrameProgram:
-    """A compiled frame body: ``run(inputs, state)`` does what the eager body did on ``inputs`` with the
-    clip's ``state`` tensors (written in place) and ``macs`` is the MAC count it executes."""
+    """A compiled frame body: ``run(*inputs, *state)`` does what the eager body did on ``inputs`` with
+    the clip's ``state`` tensors (written in place); ``macs`` is the MAC count it executes."""
 
     run: Callable[..., object]
     macs: int
