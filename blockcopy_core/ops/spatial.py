@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from ..activation import SPATIAL, VECTOR, plain, wrap
-from ..tiles import reference_only
 from ..macs import conv_macs, conv_transpose_macs
 from .common import bind, call, pair, require_standard_layout, with_input
 
@@ -76,11 +75,12 @@ def _run_window(ex, name, x, run_dense, run_tiles, kernel, stride, dilation, pad
 
 def _taps_pay(tiles, kernel, stride, halo: Halo) -> bool:
     """Whether a stride-1 convolution reads fewer pixels per tile as one window per tap than as a halo'd
-    tile (dilation beyond the tile size). On the CPU only: there the gathers' copies dominate the
-    overhead, while on CUDA the fused halo gather is one bandwidth-bound kernel."""
+    tile (dilation beyond the tile size). On the CPU only, eager or compiled: there the gathers' copies
+    dominate the overhead (DeepLabV3, 512x1024, 13 of 32 blocks, one thread: eager frame 4.45 -> 3.62 s,
+    compiled 5.12 -> 4.47 s), while on CUDA the fused halo gather is one bandwidth-bound kernel."""
     t = tiles.shape[-1]
     left, right, top, bottom = halo
-    return tiles.device.type == "cpu" and not reference_only() and tuple(stride) == (1, 1) \
+    return tiles.device.type == "cpu" and tuple(stride) == (1, 1) \
         and kernel[0] * kernel[1] * t * t < (t + top + bottom) * (t + left + right)
 
 
