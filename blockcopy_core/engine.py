@@ -399,19 +399,23 @@ class BlockSparseModel(nn.Module):
             self.executed_grid.zero_()
             self.last_stats = FrameStats(0, total, 0, self._overhead(), selected)
             return self._current_outputs()
-        if executed == total and self.dense_when_full:
-            key, body, args = "dense", self._refresh_dense, inputs
-        elif bucketed:
-            key, args = executed, (*inputs, grid, noise)
-            body = lambda *args: self._execute_tiles(args[:-2], args[-2], executed, args[-1])
-        else:
-            key, body, args = executed, lambda *args: self._execute_tiles(args[:-1], args[-1], executed, None), \
-                (*inputs, grid)
+        key, body = self._frame_body(executed, total, bucketed)
+        args = inputs if key == "dense" else (*inputs, grid, noise) if bucketed else (*inputs, grid)
         if self.compile:
             body = self._compiled(key, body, args)
         macs = self._graphs.run(key, body, len(args)) if graphed else body(*args)
         self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected)
         return self._current_outputs()
+
+    def _frame_body(self, executed: int, total: int, bucketed: bool):
+        """(bucket key, body) of a frame executing ``executed`` of ``total`` blocks. The body returns its
+        MACs and takes the inputs alone (the dense frame, key "dense"), or the inputs, the grid and, in
+        bucketed frames, the noise ranking the extra blocks."""
+        if executed == total and self.dense_when_full:
+            return "dense", self._refresh_dense
+        if bucketed:
+            return executed, lambda *args: self._execute_tiles(args[:-2], args[-2], executed, args[-1])
+        return executed, lambda *args: self._execute_tiles(args[:-1], args[-1], executed, None)
 
     def _bucket(self, executed: int, total: int) -> int:
         """``executed`` rounded up to the next bucket: a multiple of 1/``buckets`` of ``total``."""
@@ -493,22 +497,16 @@ class BlockSparseModel(nn.Module):
         if self._geometry is None:
             raise InvalidInputError("warmup() needs a started clip: run the clip's first frame (all blocks) first")
         total = self._geometry.batch * self._geometry.blocks_per_frame
-        quantum = max(total // self.buckets, 1)
-        counts = sorted({self._bucket(max(round(f * total), 1), total) for f in fractions}) if fractions is not None \
-            else sorted({min(q, total) for q in range(quantum, total + quantum, quantum)})
+        wanted = [max(round(f * total), 1) for f in fractions] if fractions is not None else range(1, total + 1)
+        counts = sorted({self._bucket(count, total) for count in wanted})
         inputs = [torch.empty_strided(shape, stride, dtype=dtype, device=device).zero_()
                   for shape, stride, dtype, device in self._input_layouts]
         grid = torch.zeros(self._geometry.grid_shape, dtype=torch.bool, device=inputs[0].device)
         compiled = {}
         for count in _progress(counts, "compiling buckets"):
-            if count == total and self.dense_when_full:
-                program, new = self._program("dense", self._refresh_dense, inputs)
-                key = "dense"
-            else:
-                noise = torch.rand(grid.shape, device=grid.device)
-                body = lambda *args, count=count: self._execute_tiles(args[:-2], args[-2], count, args[-1])
-                program, new = self._program(count, body, (*inputs, grid, noise))
-                key = count
+            key, body = self._frame_body(count, total, bucketed=True)
+            args = inputs if key == "dense" else (*inputs, grid, torch.rand(grid.shape, device=grid.device))
+            program, new = self._program(key, body, args)
             if new:
                 compiled[key] = None if program is None else program.compile_seconds
         return compiled

@@ -119,7 +119,7 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
     for freezing in (True, False):
         # the options of mode "reduce-overhead" on CUDA; compilations with other options are cached apart
         fast = torch.compile(model, options={"freezing": freezing, "triton.cudagraphs": example.is_cuda})
-        error = _relative_error(fast(example), expected)
+        error = relative_error(fast(example), expected)
         if error <= rtol:
             return lambda frames: tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fast(frames))
         if freezing:
@@ -129,8 +129,9 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
                        f"{error:.2g} > {rtol:g}); run it without compiling")
 
 
-def _relative_error(actual, expected) -> float:
-    """Largest |actual - expected| over the tensors of two outputs, relative to the largest |expected|."""
+def relative_error(actual, expected) -> float:
+    """Largest |actual - expected| over the tensors of two outputs (tensors or nestings of them),
+    relative to the largest |expected|, computed in float32."""
     errors = [((a.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-12)).item()
               for a, e in zip(tree_leaves(actual), tree_leaves(expected))]
     return max(errors) if errors else 0.0

@@ -38,12 +38,11 @@ import time
 
 import torch
 import torchvision
-from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
-from blockcopy_core.protocol import compile_dense
+from blockcopy_core.protocol import compile_dense, relative_error
 
 def torchvision_trunk(name: str) -> torch.nn.Module:
     """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
@@ -145,16 +144,6 @@ def compiled_ms(model, video, frames: int, warmup: int) -> tuple[float, float]:
     return ms, compile_seconds
 
 
-def rel_error(actual, expected) -> float:
-    """Largest |actual - expected| relative to the largest |expected| over the maps of two outputs
-    (tensors or dicts of them), computed in float32."""
-    errors = []
-    for a, e in zip(tree_leaves(actual), tree_leaves(expected)):
-        a, e = a.float(), e.float()
-        errors.append(((a - e).abs().max() / e.abs().max()).item())
-    return max(errors)
-
-
 @torch.no_grad()
 def compiled_sparse_ms(model, eager, video, grids, block, frames: int, warmup: int, fraction: float) -> dict:
     """Time ``convert(model, block, compile=True)`` on the grids, and compare one frame with ``eager``."""
@@ -168,7 +157,7 @@ def compiled_sparse_ms(model, eager, video, grids, block, frames: int, warmup: i
         engine.reset()
         engine(video[0], full)
     out = fast(video[1], grids[0])
-    error = rel_error(out, eager(video[1], fast.executed_grid))
+    error = relative_error(out, eager(video[1], fast.executed_grid))
     return {"compiled_sparse_ms": ms, "sparse_compile_seconds": compile_seconds, "compiled_rel_error": error}
 
 
