@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InvalidInputError
-from .information_gain import batch_box_information_gain, semantic_information_gain
+from .information_gain import (_pad_streams, _paint_boxes, padded_box_information_gain, pool_to_blocks,
+                               semantic_information_gain)
 from .models.centernet import NUM_CLASSES, OUTPUT_STRIDE, PERSON_CLASS, decode_detections
 
 Detections = list[dict[str, torch.Tensor]]
@@ -91,12 +92,31 @@ class InputFormat:
         self.check(frames)
         pixels = frames
         if self.pixel_std != (1.0, 1.0, 1.0):
-            pixels = pixels * frames.new_tensor(self.pixel_std).view(1, 3, 1, 1)
+            pixels = pixels * _channel_vector(self.pixel_std, frames)
         if self.pixel_mean != (0.0, 0.0, 0.0):
-            pixels = pixels + frames.new_tensor(self.pixel_mean).view(1, 3, 1, 1)
+            pixels = pixels + _channel_vector(self.pixel_mean, frames)
         if self.channel_order == "BGR":
             pixels = pixels.flip(1)
         return pixels / self.max_value
+
+
+def _channel_vector(values: tuple[float, float, float], like: torch.Tensor) -> torch.Tensor:
+    """(1, 3, 1, 1) tensor of ``values`` on ``like``'s device, made by fills (no host copy: capturable)."""
+    return torch.stack([like.new_full((), value) for value in values]).view(1, 3, 1, 1)
+
+
+class _DeviceConstants:
+    """Per-device copies of a fixed list of integers, made once outside CUDA-graph capture (a host-to-device
+    copy cannot be captured)."""
+
+    def __init__(self, values: Sequence[int]) -> None:
+        self.values = tuple(int(v) for v in values)
+        self._copies: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._copies:
+            self._copies[device] = torch.as_tensor(self.values, device=device)
+        return self._copies[device]
 
 
 class OutputAdapter(ABC):
@@ -109,6 +129,10 @@ class OutputAdapter(ABC):
 
     output_channels: int
     input_format: InputFormat = InputFormat()
+    capturable: bool = False
+    """Whether ``decode``, ``block_information_gain``, ``output_masks`` and ``policy_frame`` run without
+    host synchronisation and give fixed shapes for fixed-shape model outputs, so that BlockCopy can
+    capture them in CUDA graphs (``capture_loop``)."""
 
     def policy_frame(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) model input -> (N, 3, H, W) RGB in [0, 1] for the policy."""
@@ -130,6 +154,24 @@ class OutputAdapter(ABC):
     def output_masks(self, result: Any, frame_size: FrameSize) -> torch.Tensor:
         """O_t: (N, output_channels, H', W') per-class probability masks of ``result``."""
 
+    def block_information_gain(self, result: Any, prev_result: Any, frame_size: FrameSize,
+                               block_size: int) -> torch.Tensor:
+        """(N, 1, H // block_size, W // block_size): the IG map's maximum over each block."""
+        ig_map = self.information_gain(result, prev_result, frame_size)
+        return pool_to_blocks(ig_map, ig_pool_size(ig_map, frame_size, block_size))
+
+
+def ig_pool_size(ig_map: torch.Tensor, frame_size: FrameSize, block_size: int) -> int:
+    """Block side in cells of an (N, h, w) IG map of ``frame_size`` frames; checks that the map tiles the
+    frame at an integer stride dividing the block size."""
+    height, width = frame_size
+    rows, cols = ig_map.shape[-2:]
+    stride = height // rows if rows else 0
+    if not stride or rows * stride != height or cols * stride != width or block_size % stride:
+        raise ValueError(f"the adapter's {rows}x{cols} IG map does not cover {height}x{width} frames "
+                         f"at an integer stride dividing the block size {block_size}")
+    return block_size // stride
+
 
 def paint_class_masks(detections: Detections, classes: Sequence[int], height: int, width: int,
                       stride: int) -> torch.Tensor:
@@ -142,26 +184,24 @@ def paint_class_masks(detections: Detections, classes: Sequence[int], height: in
     """
     if height % stride or width % stride:
         raise ValueError(f"frame size {height}x{width} is not a multiple of the mask stride {stride}")
-    rows, cols = height // stride, width // stride
     device = detections[0]["boxes"].device
-    class_ids = torch.as_tensor(list(classes), device=device)
-    masks = torch.zeros(len(detections), len(classes), rows, cols, device=device)
-    ys = torch.arange(rows, device=device, dtype=torch.float32)
-    xs = torch.arange(cols, device=device, dtype=torch.float32)
-    for stream, dets in enumerate(detections):
-        is_class = dets["labels"][:, None] == class_ids[None, :]
-        keep = is_class.any(dim=1)
-        if not bool(keep.any()):
-            continue
-        boxes = dets["boxes"][keep].float() / stride
-        scores = dets["scores"][keep].float()
-        inside_y = (ys >= boxes[:, 1:2].floor()) & (ys < boxes[:, 3:4].ceil())
-        inside_x = (xs >= boxes[:, 0:1].floor()) & (xs < boxes[:, 2:3].ceil())
-        painted = ((inside_y[:, :, None] & inside_x[:, None, :]) * scores[:, None, None]).flatten(1)
-        channel = is_class[keep].int().argmax(dim=1)
-        masks[stream].view(len(classes), -1).scatter_reduce_(0, channel[:, None].expand_as(painted), painted,
-                                                             "amax")
-    return masks
+    padded = _pad_streams(detections, True, device, "detections")
+    padded["boxes"] = padded["boxes"].float() / stride
+    return _paint_padded_class_masks(padded, torch.as_tensor(list(classes), device=device), height // stride,
+                                     width // stride)
+
+
+def _paint_padded_class_masks(padded: dict[str, torch.Tensor], class_ids: torch.Tensor, rows: int,
+                              cols: int) -> torch.Tensor:
+    """:func:`paint_class_masks` of padded detections (boxes (N, K, 4) in mask cells, scores, labels, valid
+    (N, K)) for the (C,) classes ``class_ids``: (N, C, rows, cols), without host synchronisation."""
+    boxes, scores = padded["boxes"], padded["scores"].float()
+    streams, count = scores.shape
+    classes = class_ids.shape[0]
+    member = (padded["labels"][:, None, :] == class_ids[None, :, None]) & padded["valid"][:, None, :]
+    values = torch.where(member, scores[:, None, :], 0.0).reshape(streams * classes, count)
+    boxes = boxes[:, None].expand(streams, classes, count, 4).reshape(streams * classes, count, 4)
+    return _paint_boxes(boxes, values, rows, cols).view(streams, classes, rows, cols)
 
 
 class DetectionAdapter(OutputAdapter):
@@ -200,6 +240,7 @@ class DetectionAdapter(OutputAdapter):
         self.class_aware = class_aware
         self.input_format = input_format
         self.output_channels = len(self.classes)
+        self._class_ids = _DeviceConstants(self.classes)
 
     @abstractmethod
     def detect(self, outputs: Any, frame_size: FrameSize) -> Detections:
@@ -210,34 +251,60 @@ class DetectionAdapter(OutputAdapter):
         return self.detect(outputs, frame_size)
 
     def relevant(self, detections: Detections) -> Detections:
-        """The detections IG and O_t use: listed classes, score >= ``score_threshold``."""
-        classes = torch.as_tensor(self.classes, device=detections[0]["labels"].device)
+        """The detections IG and O_t use: listed classes, score >= ``score_threshold`` (as lists; IG and O_t
+        mask the others out instead, to keep shapes fixed)."""
         kept = []
         for dets in detections:
-            keep = (dets["scores"] >= self.score_threshold) & torch.isin(dets["labels"], classes)
+            keep = self._relevance(dets["scores"], dets["labels"])
             kept.append({key: value[keep] for key, value in dets.items()})
         return kept
+
+    def _relevance(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Bool mask of the detections IG and O_t use, any shape."""
+        return (scores >= self.score_threshold) & torch.isin(labels, self._class_ids.on(labels.device))
+
+    def _policy_detections(self, detections: Detections) -> dict[str, torch.Tensor | None]:
+        """The streams' detections padded to one count (no host synchronisation when the streams have
+        equal counts), boxes in IG-map cells, ``valid`` marking the relevant ones."""
+        device = detections[0]["boxes"].device
+        padded = _pad_streams(detections, True, device, "detections")
+        padded["valid"] = padded["valid"] & self._relevance(padded["scores"], padded["labels"])
+        padded["boxes"] = padded["boxes"].float() / self.stride
+        return padded
+
+    def _map_size(self, frame_size: FrameSize) -> tuple[int, int]:
+        height, width = frame_size
+        if height % self.stride or width % self.stride:
+            raise ValueError(f"frame size {height}x{width} is not a multiple of the IG stride {self.stride}")
+        return height // self.stride, width // self.stride
 
     def information_gain(self, result: Detections, prev_result: Detections,
                          frame_size: FrameSize) -> torch.Tensor:
         """(N, H / stride, W / stride) IG map of Algorithm 1 on the relevant detections."""
-        height, width = frame_size
-        if height % self.stride or width % self.stride:
-            raise ValueError(f"frame size {height}x{width} is not a multiple of the IG stride {self.stride}")
-        scale = 1.0 / self.stride
-        current = [self._scaled(d, scale) for d in self.relevant(result)]
-        previous = [self._scaled(d, scale) for d in self.relevant(prev_result)]
-        return batch_box_information_gain(current, previous, height // self.stride, width // self.stride)
+        return self._box_information_gain(result, prev_result, frame_size, None)
 
-    def _scaled(self, dets: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
-        scaled = {"boxes": dets["boxes"].float() * scale, "scores": dets["scores"]}
-        if self.class_aware:
-            scaled["labels"] = dets["labels"]
-        return scaled
+    def block_information_gain(self, result: Detections, prev_result: Detections, frame_size: FrameSize,
+                               block_size: int) -> torch.Tensor:
+        """(N, 1, H // block_size, W // block_size): the IG map's block maxima, computed from the boxes
+        without painting the map (equal to pooling :meth:`information_gain`)."""
+        if block_size % self.stride:
+            raise ValueError(f"the IG stride {self.stride} does not divide the block size {block_size}")
+        return self._box_information_gain(result, prev_result, frame_size, block_size // self.stride)
+
+    def _box_information_gain(self, result: Detections, prev_result: Detections, frame_size: FrameSize,
+                              block_cells: int | None) -> torch.Tensor:
+        current, previous = self._policy_detections(result), self._policy_detections(prev_result)
+        labels = (current["labels"], previous["labels"]) if self.class_aware else (None, None)
+        return padded_box_information_gain(
+            current["boxes"], current["scores"], previous["boxes"], previous["scores"], *self._map_size(frame_size),
+            valid=current["valid"], prev_valid=previous["valid"], labels=labels[0], prev_labels=labels[1],
+            block_size=block_cells)
 
     def output_masks(self, result: Detections, frame_size: FrameSize) -> torch.Tensor:
         """(N, len(classes), H / stride, W / stride): relevant detections' scores painted per class."""
-        return paint_class_masks(self.relevant(result), self.classes, *frame_size, self.stride)
+        padded = self._policy_detections(result)
+        return _paint_padded_class_masks(padded, self._class_ids.on(padded["scores"].device),
+                                         *self._map_size(frame_size))
 
 
 class CenterNetAdapter(DetectionAdapter):
@@ -266,6 +333,8 @@ class CenterNetAdapter(DetectionAdapter):
         class_aware: see :class:`DetectionAdapter`.
     """
 
+    capturable = True  # top-k decoding: max_detections per stream, no host synchronisation
+
     def __init__(self, classes: Sequence[int] = STREET_CLASSES, score_threshold: float = 0.3,
                  max_detections: int = 100, decode_classes: Sequence[int] | None = None,
                  class_aware: bool = True) -> None:
@@ -276,12 +345,13 @@ class CenterNetAdapter(DetectionAdapter):
         super().__init__(classes, score_threshold, OUTPUT_STRIDE, class_aware, InputFormat())
         self.max_detections = max_detections
         self.decode_classes = None if decode_classes is None else tuple(int(c) for c in decode_classes)
+        self._decode_channels = _DeviceConstants(self.decode_classes or ())
 
     def detect(self, outputs: dict[str, torch.Tensor], frame_size: FrameSize) -> Detections:
         if self.decode_classes is None:
             return decode_detections(outputs, max_detections=self.max_detections, input_size=frame_size)
         heatmap = outputs["heatmap"]
-        channels = torch.as_tensor(self.decode_classes, device=heatmap.device)
+        channels = self._decode_channels.on(heatmap.device)
         subset = {"heatmap": heatmap.index_select(1, channels), "wh": outputs["wh"]}
         detections = decode_detections(subset, max_detections=self.max_detections, input_size=frame_size)
         return [{**dets, "labels": channels[dets["labels"]]} for dets in detections]
@@ -297,6 +367,8 @@ class SemanticSegmentationAdapter(OutputAdapter):
         from_logits: apply a softmax over classes to what ``select`` returns.
         input_format: how the model's input frames encode RGB.
     """
+
+    capturable = True
 
     def __init__(self, num_classes: int, select: Callable[[Any], torch.Tensor] | None = None,
                  from_logits: bool = True, input_format: InputFormat = InputFormat()) -> None:

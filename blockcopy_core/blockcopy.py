@@ -23,13 +23,14 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from .adapters import OutputAdapter
+from .adapters import OutputAdapter, ig_pool_size
 from .config import BlockCopyConfig
 from .engine import BlockSparseModel, FrameStats, convert
 from .errors import ConfigError, InvalidInputError, ProtocolError
+from .captured_loop import CapturedLoop, clone_tensors, loop_key
 from .information_gain import pool_to_blocks
 from .macs import count_macs
-from .policy import BlockPolicy, PolicyObservation, policy_from_config
+from .policy import BlockPolicy, PolicyObservation, ReinforcePolicy, policy_from_config
 
 STAGES = ("policy", "network", "sparse_overhead", "postprocess", "information_gain", "update")
 """Timed stages of a step, in order: policy forward (select); the task network on the executed tiles;
@@ -232,12 +233,18 @@ class BlockCopy(nn.Module):
             engine's own work apart from the task network where the frame runs eagerly (see
             :data:`STAGES`). Costs a little throughput on a GPU; without it ``sparse_overhead`` is not
             reported.
+        capture_loop: on CUDA, run :meth:`step`'s policy, decoding, information gain and update as CUDA
+            graphs (:mod:`blockcopy_core.captured_loop`), captured after the first frame of a clip shape:
+            no host synchronisation besides the engine's block count. Needs the ``rl`` policy (a
+            :class:`ReinforcePolicy`) and an adapter whose decoding has fixed shapes
+            (``adapter.capturable``). ``StepResult.ig_map`` is then None (the block IG is computed from
+            the boxes directly). Ignored on the CPU and by :meth:`select`/:meth:`observe`.
         **overrides: fields of :class:`BlockCopyConfig` (``block_size=64``, ``target=0.5``, ...).
     """
 
     def __init__(self, model: nn.Module, adapter: OutputAdapter, config: BlockCopyConfig | None = None, *,
                  policy: str | BlockPolicy | None = None, policy_options: dict[str, Any] | None = None,
-                 sync_timing: bool = True, **overrides: Any) -> None:
+                 sync_timing: bool = True, capture_loop: bool = False, **overrides: Any) -> None:
         super().__init__()
         if not isinstance(adapter, OutputAdapter):
             raise TypeError(f"BlockCopy needs an adapter (an OutputAdapter such as CenterNetAdapter) to turn "
@@ -270,6 +277,13 @@ class BlockCopy(nn.Module):
             self.policy.to(parameter.device)
         self.online_learning = config.online_learning
         self.sync_timing = sync_timing
+        if capture_loop and not (isinstance(policy, ReinforcePolicy) and adapter.capturable):
+            what = (f"the policy {type(policy).__name__} is not the 'rl' ReinforcePolicy"
+                    if not isinstance(policy, ReinforcePolicy) else
+                    f"{type(adapter).__name__}'s decoding does not have fixed shapes (adapter.capturable is False)")
+            raise ConfigError("capture_loop", True, f"False here: {what}")
+        self.capture_loop = capture_loop
+        self._loop: CapturedLoop | None = None
         sparse.time_overhead = sync_timing
         self._policy_macs: dict[tuple, int] = {}
         self.reset()
@@ -342,17 +356,55 @@ class BlockCopy(nn.Module):
         Returns:
             The frame's :class:`StepResult`.
         """
+        loop = self._loop
+        if loop is not None and self._prev_result is not None and self._selection is None \
+                and loop.matches(frames, self.policy.training):
+            return self._step_captured(loop, frames)
         grid = self.select(frames)
         seconds: dict[str, float] = {}
+        outputs = self._run_network(frames, grid, seconds)
+        with self._timed("postprocess", seconds, frames.device):
+            result = self.adapter.decode(outputs, self._selection.frame_size)
+        step = self.observe(result, outputs=outputs, seconds=seconds)
+        if self.capture_loop and frames.is_cuda and (loop is None or loop.key != loop_key(self, frames, outputs)):
+            self._loop = CapturedLoop(self, frames, outputs, result, self._prev_masks)
+        return step
+
+    def _run_network(self, frames: torch.Tensor, grid: torch.Tensor, seconds: dict[str, float]) -> Any:
+        """The block-sparse model on ``grid``, timed as ``network`` and ``sparse_overhead``."""
         with self._timed("network", seconds, frames.device):
             outputs = self._sparse(frames, grid)
         overhead = self._sparse.last_stats.overhead_seconds
         if overhead is not None:
             seconds["sparse_overhead"] = overhead
             seconds["network"] -= overhead
-        with self._timed("postprocess", seconds, frames.device):
-            result = self.adapter.decode(outputs, self._selection.frame_size)
-        return self.observe(result, outputs=outputs, seconds=seconds)
+        return outputs
+
+    def _step_captured(self, loop: CapturedLoop, frames: torch.Tensor) -> StepResult:
+        """:meth:`step` of a policy frame with the captured loop: the same stages, each a graph replay."""
+        seconds: dict[str, float] = {}
+        device = frames.device
+        with self._timed("policy", seconds, device):
+            grid = loop.select(frames, self._sparse.frame_state, self._prev_masks, self._prev_grid, self._prev_result)
+            executed = grid.clone()
+        outputs = self._run_network(frames, grid, seconds)
+        with self._timed("postprocess", seconds, device):
+            result = clone_tensors(loop.postprocess(self._sparse.output_state))
+        with self._timed("information_gain", seconds, device):
+            block_ig = loop.information_gain().clone()
+        with self._timed("update", seconds, device):
+            policy_stats = loop.update()
+        self._prev_result, self._prev_masks, self._prev_grid = loop.prev_result, loop.prev_masks, loop.prev_grid
+        step = StepResult(outputs, result, executed, False, block_ig, None, self._sparse.last_stats, loop.policy_macs,
+                          policy_stats, seconds)
+        self._statistics.add(step)
+        return step
+
+    def _apply(self, fn, recurse=True):
+        if getattr(self, "_loop", None) is not None:
+            self._loop.drain()
+        self._loop = None  # its graphs read the policy's old tensors
+        return super()._apply(fn, recurse)
 
     def select(self, frames: torch.Tensor) -> torch.Tensor:
         """Choose the blocks to execute on this frame (all of them on a clip's first frame).
@@ -367,6 +419,8 @@ class BlockCopy(nn.Module):
             ProtocolError: when the previous ``select`` has not been answered by ``observe``.
             InvalidInputError: frames of the wrong shape or channel count.
         """
+        if self._loop is not None:
+            self._loop.drain()  # the eager loop touches the gradients a captured backward pass may still fill
         if self._selection is not None:
             raise ProtocolError("select() was called twice without observe() in between: call observe(result) "
                                 "after running the model on the selected blocks (or reset() to drop the frame)")
@@ -434,7 +488,7 @@ class BlockCopy(nn.Module):
         if not selection.full_frame:
             with self._timed("information_gain", seconds, device):
                 ig_map = self.adapter.information_gain(result, self._prev_result, frame_size)
-                block_ig = pool_to_blocks(ig_map, self._pool_size(ig_map, frame_size))
+                block_ig = pool_to_blocks(ig_map, ig_pool_size(ig_map, frame_size, self.block_size))
             with self._timed("update", seconds, device):
                 policy_stats = self.policy.observe(block_ig)
         self._prev_result, self._prev_masks, self._prev_grid = result, masks, selection.grid
@@ -442,16 +496,6 @@ class BlockCopy(nn.Module):
                           selection.policy_macs, policy_stats, seconds)
         self._statistics.add(step)
         return step
-
-    def _pool_size(self, ig_map: torch.Tensor, frame_size: tuple[int, int]) -> int:
-        """Block side in IG-map cells; checks that the map tiles the frame at an integer stride."""
-        height, width = frame_size
-        rows, cols = ig_map.shape[-2:]
-        stride = height // rows if rows else 0
-        if not stride or rows * stride != height or cols * stride != width or self.block_size % stride:
-            raise ValueError(f"the adapter's {rows}x{cols} IG map does not cover {height}x{width} frames "
-                             f"at an integer stride dividing the block size {self.block_size}")
-        return self.block_size // stride
 
     def _count_policy_macs(self, observation: PolicyObservation) -> int:
         """MACs of the policy network on this observation (0 without one), counted once per input shape."""
@@ -472,13 +516,15 @@ class BlockCopy(nn.Module):
     @contextmanager
     def _timed(self, stage: str, seconds: dict[str, float], device: torch.device,
                accumulate: bool = False) -> Iterator[None]:
-        sync = self.sync_timing and device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(device)
+        # the current stream only: the captured loop's backward pass runs beside the next frame on a side
+        # stream, and what it delays shows in the stages it overlaps
+        stream = torch.cuda.current_stream(device) if self.sync_timing and device.type == "cuda" else None
+        if stream is not None:
+            stream.synchronize()
         start = time.perf_counter()
         yield
-        if sync:
-            torch.cuda.synchronize(device)
+        if stream is not None:
+            stream.synchronize()
         elapsed = time.perf_counter() - start
         seconds[stage] = seconds.get(stage, 0.0) + elapsed if accumulate else elapsed
 

@@ -337,6 +337,14 @@ class BlockSparseModel(nn.Module):
         self.last_stats: FrameStats | None = None
 
     @property
+    def output_state(self):
+        """The last frame's outputs as the engine keeps them: the same tensors every frame of a clip,
+        overwritten by the next frame (``forward`` returns copies). None before a clip's first frame."""
+        if self._output_spec is None:
+            return None
+        return pytree.tree_unflatten(list(self._outputs), self._output_spec)
+
+    @property
     def layer_states(self) -> list[LayerState]:
         """The dense state of each spatial op call site, in execution order."""
         return list(self._layers)

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_iou
 
 # Largest number of elements of the per-detection value maps painted at once (64 MiB in fp32): k
@@ -66,8 +67,9 @@ def box_information_gain(
     _check_same_device(boxes, prev_boxes)
     _check_labels_pairing(labels, prev_labels)
     _check_size(height, width)
-    ig = _box_ig(boxes, scores, labels, [boxes.shape[0]], prev_boxes, prev_scores, prev_labels,
-                 [prev_boxes.shape[0]], height, width)
+    ig = padded_box_information_gain(
+        boxes[None], scores[None], prev_boxes[None], prev_scores[None], height, width,
+        labels=None if labels is None else labels[None], prev_labels=None if prev_labels is None else prev_labels[None])
     return ig[0]
 
 
@@ -103,9 +105,12 @@ def batch_box_information_gain(
     if any(has_labels) and not all(has_labels):
         raise ValueError("either every detection dict (current and previous) has 'labels' or none")
     device = detections[0]["boxes"].device
-    current = _concat_streams(detections, all(has_labels), device, "detections")
-    previous = _concat_streams(prev_detections, all(has_labels), device, "prev_detections")
-    return _box_ig(*current, *previous, height, width)
+    current = _pad_streams(detections, all(has_labels), device, "detections")
+    previous = _pad_streams(prev_detections, all(has_labels), device, "prev_detections")
+    return padded_box_information_gain(
+        current["boxes"], current["scores"], previous["boxes"], previous["scores"], height, width,
+        valid=current["valid"], prev_valid=previous["valid"], labels=current["labels"],
+        prev_labels=previous["labels"])
 
 
 def mask_information_gain(
@@ -213,49 +218,78 @@ def pool_to_blocks(ig: torch.Tensor, block_size: int) -> torch.Tensor:
     return blocks.amax(dim=(3, 5))
 
 
-def _box_ig(boxes, scores, labels, counts, prev_boxes, prev_scores, prev_labels, prev_counts,
-            height, width) -> torch.Tensor:
-    """Algorithm 1 for N streams whose detections are given concatenated, stream after stream.
+def padded_box_information_gain(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    prev_boxes: torch.Tensor,
+    prev_scores: torch.Tensor,
+    height: int,
+    width: int,
+    *,
+    valid: torch.Tensor | None = None,
+    prev_valid: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    prev_labels: torch.Tensor | None = None,
+    block_size: int | None = None,
+) -> torch.Tensor:
+    """Algorithm 1 for N streams whose detections are padded to fixed counts, with static shapes.
+
+    Runs without host synchronisation, so it can be captured in a CUDA graph: slots outside ``valid``
+    take no part (they match nothing and paint nothing), which gives the same maps as dropping them.
 
     Args:
-        boxes: (K, 4) current boxes of all streams.
-        scores: (K,) their scores.
-        labels: (K,) their classes, or None.
-        counts: N numbers of current detections per stream, summing to K.
-        prev_boxes, prev_scores, prev_labels, prev_counts: the same for the previous frame.
-
-    Returns:
-        (N, height, width).
+        boxes: (N, K, 4) current boxes ``x1, y1, x2, y2`` of each stream, in pixels of the map.
+        scores: (N, K) their scores.
+        prev_boxes: (N, P, 4) boxes of the previous frame; prev_scores: (N, P).
+        height, width: size of the IG map in pixels.
+        valid, prev_valid: (N, K) and (N, P) bool, the slots holding detections (None: all).
+        labels, prev_labels: (N, K) and (N, P) classes, both or neither; when given, only detections of
+            the same class match.
+        block_size: None for the (N, height, width) map; a block side in map pixels (dividing height and
+            width) for the map's per-block maximum, (N, 1, height // block_size, width // block_size),
+            computed from the boxes without painting the map.
     """
-    device = boxes.device
+    _check_labels_pairing(labels, prev_labels)
     dtype = _float_dtype(scores, prev_scores)
     boxes, prev_boxes = boxes.to(dtype), prev_boxes.to(dtype)
-    streams, slots = _stream_slots(counts, device)
-    prev_streams, prev_slots = _stream_slots(prev_counts, device)
-    iou = box_iou(boxes, prev_boxes).nan_to_num(0.0)
-    iou = iou * (streams[:, None] == prev_streams[None, :])
-    iou = _restrict_pairs(iou, labels, prev_labels)
-    values, prev_values = _matched_values(iou, scores.to(dtype), prev_scores.to(dtype))
-    # Padded per-stream layout: a stream's current boxes first, then its previous ones. Padding
-    # boxes are empty and paint nothing.
-    prev_slots = prev_slots + torch.tensor(counts, device=device, dtype=torch.long)[prev_streams]
-    slots_per_stream = max(c + p for c, p in zip(counts, prev_counts))
-    index = (torch.cat([streams, prev_streams]), torch.cat([slots, prev_slots]))
-    padded_boxes = boxes.new_zeros(len(counts), slots_per_stream, 4)
-    padded_boxes[index] = torch.cat([boxes, prev_boxes])
-    padded_values = boxes.new_zeros(len(counts), slots_per_stream)
-    padded_values[index] = torch.cat([values, prev_values])
-    return _paint_boxes(padded_boxes, padded_values, height, width)
+    scores, prev_scores = scores.to(dtype), prev_scores.to(dtype)
+    iou = _stream_box_iou(boxes, prev_boxes)
+    if valid is not None:
+        scores = torch.where(valid, scores, 0.0)
+        iou = iou * valid[:, :, None]
+    if prev_valid is not None:
+        prev_scores = torch.where(prev_valid, prev_scores, 0.0)
+        iou = iou * prev_valid[:, None, :]
+    if labels is not None:
+        iou = iou * (labels[:, :, None] == prev_labels[:, None, :])
+    values, prev_values = _matched_values(iou, scores, prev_scores)
+    all_boxes, all_values = torch.cat([boxes, prev_boxes], dim=1), torch.cat([values, prev_values], dim=1)
+    if block_size is None:
+        return _paint_boxes(all_boxes, all_values, height, width)
+    return _block_maxima(all_boxes, all_values, height, width, block_size)
 
 
-def _stream_slots(counts: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stream index and index within its stream of each of sum(counts) concatenated detections."""
-    count_tensor = torch.tensor(counts, device=device, dtype=torch.long)
-    total = sum(counts)
-    streams = torch.repeat_interleave(torch.arange(len(counts), device=device), count_tensor,
-                                      output_size=total)
-    starts = torch.cumsum(count_tensor, 0) - count_tensor
-    return streams, torch.arange(total, device=device) - starts[streams]
+def _stream_box_iou(boxes: torch.Tensor, prev_boxes: torch.Tensor) -> torch.Tensor:
+    """(N, K, P) IoU of each stream's (N, K, 4) and (N, P, 4) boxes, 0 where both are empty."""
+    streams, count, prev_count = boxes.shape[0], boxes.shape[1], prev_boxes.shape[1]
+    iou = box_iou(boxes.flatten(0, 1), prev_boxes.flatten(0, 1)).view(streams, count, streams, prev_count)
+    return iou.diagonal(dim1=0, dim2=2).permute(2, 0, 1).nan_to_num(0.0)
+
+
+def _pad_streams(dets: Sequence[Mapping[str, torch.Tensor]], use_labels: bool, device: torch.device,
+                 name: str) -> dict[str, torch.Tensor | None]:
+    """The detections of N streams padded to the largest count: boxes (N, K, 4), scores (N, K), labels
+    (N, K) or None, valid (N, K) bool."""
+    for i, d in enumerate(dets):
+        _check_detections(d["boxes"], d["scores"], d.get("labels") if use_labels else None,
+                          f"{name}[{i}]['boxes']")
+        if d["boxes"].device != device:
+            raise ValueError(f"{name}[{i}] is on {d['boxes'].device}, the first stream on {device}")
+    keys = ("boxes", "scores", "labels") if use_labels else ("boxes", "scores")
+    padded = {key: pad_sequence([d[key] for d in dets], batch_first=True) for key in keys}
+    padded["valid"] = pad_sequence([torch.ones(d["scores"].shape[0], dtype=torch.bool, device=device)
+                                    for d in dets], batch_first=True)
+    return {"labels": None, **padded}
 
 
 def _matched_values(iou: torch.Tensor, scores: torch.Tensor,
@@ -263,24 +297,48 @@ def _matched_values(iou: torch.Tensor, scores: torch.Tensor,
     """The values that current and previous detections paint into their boxes or masks.
 
     Args:
-        iou: (K, P) IoU of current and previous detections, 0 for pairs that may not match.
-        scores: (K,) current scores.
-        prev_scores: (P,) previous scores.
+        iou: (..., K, P) IoU of current and previous detections, 0 for pairs that may not match.
+        scores: (..., K) current scores.
+        prev_scores: (..., P) previous scores.
 
     Returns:
-        (K,) ``(1 - IoU_best) * score`` and (P,) previous values: for a previous detection matched by
-        current ones, the largest ``(1 - IoU_best) * score_prev`` among them; otherwise its score.
+        (..., K) ``(1 - IoU_best) * score`` and (..., P) previous values: for a previous detection matched
+        by current ones, the largest ``(1 - IoU_best) * score_prev`` among them; otherwise its score.
     """
-    if iou.shape[1] == 0:
+    if iou.shape[-1] == 0:
         return scores.clone(), prev_scores.clone()
-    best_iou, best = iou.max(dim=1)
+    best_iou, best = iou.max(dim=-1)
     keep = 1 - best_iou
     # Unmatched current detections scatter -1, below any matched factor (in [0, 1)), so the -1
     # sentinel of the accumulator survives exactly for never-matched previous detections.
     factor = torch.where(best_iou > 0, keep, -1.0)
-    prev_factor = torch.full_like(prev_scores, -1.0).scatter_reduce(0, best, factor, "amax")
+    prev_factor = torch.full_like(prev_scores, -1.0).scatter_reduce(-1, best, factor, "amax")
     prev_factor = torch.where(prev_factor < 0, 1.0, prev_factor)
     return keep * scores, prev_factor * prev_scores
+
+
+def _block_maxima(boxes: torch.Tensor, values: torch.Tensor, height: int, width: int,
+                  block_size: int) -> torch.Tensor:
+    """The per-block maximum of :func:`_paint_boxes`'s map, (N, 1, height // block_size, width //
+    block_size), from the boxes alone: a block's value is the largest value of the boxes reaching into
+    its pixels (0 if none)."""
+    if height % block_size or width % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the IG map of {height}x{width}")
+    rows = _block_cover(boxes[..., 1], boxes[..., 3], height, block_size)
+    cols = _block_cover(boxes[..., 0], boxes[..., 2], width, block_size)
+    if values.shape[1] == 0:
+        return values.new_zeros(values.shape[0], 1, rows.shape[-1], cols.shape[-1])
+    covered = rows[..., :, None] & cols[..., None, :]
+    return (covered * values[..., None, None]).amax(dim=1, keepdim=True)
+
+
+def _block_cover(low: torch.Tensor, high: torch.Tensor, size: int, block_size: int) -> torch.Tensor:
+    """(N, K, size // block_size) bool: whether box k covers a pixel of each block along one axis (the
+    pixels ``floor(low) <= i < ceil(high)``, clipped to [0, size))."""
+    first = low.floor().clamp(0, size)[..., None]
+    last = high.ceil().clamp(0, size)[..., None]
+    starts = torch.arange(0, size, block_size, device=low.device, dtype=low.dtype)
+    return (first < starts + block_size) & (last > starts) & (first < last)
 
 
 def _paint_boxes(boxes: torch.Tensor, values: torch.Tensor, height: int,
@@ -332,8 +390,8 @@ def _axis_cells(low: torch.Tensor, high: torch.Tensor,
     last = high.ceil().clamp(0, size)
     pixels = torch.arange(size, device=low.device, dtype=low.dtype).expand(num_streams, size)
     if 2 * num_boxes + 2 < size:
-        ends = low.new_tensor([0.0, float(size)]).expand(num_streams, 2)
-        bounds = torch.cat([first, last, ends], dim=1).sort(dim=1).values
+        ends = [low.new_zeros(num_streams, 1), low.new_full((num_streams, 1), float(size))]  # no host copy
+        bounds = torch.cat([first, last, *ends], dim=1).sort(dim=1).values
         pixel_cell = torch.searchsorted(bounds, pixels.contiguous(), right=True) - 1
     else:
         bounds = pixels
@@ -372,20 +430,6 @@ def _restrict_pairs(iou: torch.Tensor, labels: torch.Tensor | None,
     if labels is None:
         return iou
     return iou * (labels[:, None] == prev_labels[None, :])
-
-
-def _concat_streams(dets: Sequence[Mapping[str, torch.Tensor]], use_labels: bool,
-                    device: torch.device, name: str):
-    """Concatenate the detections of N streams: (K, 4) boxes, (K,) scores, labels or None, counts."""
-    for i, d in enumerate(dets):
-        _check_detections(d["boxes"], d["scores"], d.get("labels") if use_labels else None,
-                          f"{name}[{i}]['boxes']")
-        if d["boxes"].device != device:
-            raise ValueError(f"{name}[{i}] is on {d['boxes'].device}, the first stream on {device}")
-    boxes = torch.cat([d["boxes"] for d in dets])
-    scores = torch.cat([d["scores"] for d in dets])
-    labels = torch.cat([d["labels"] for d in dets]) if use_labels else None
-    return boxes, scores, labels, [d["boxes"].shape[0] for d in dets]
 
 
 def _binarise(masks: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from blockcopy_core.policy.network import area_resize
 from blockcopy_core.policy import (
     POLICIES,
     AllPolicy,
@@ -439,3 +441,11 @@ def test_all_and_none_policies():
     obs = observation(2, 3, 4, 32)
     assert AllPolicy(32, 0.3).select(obs).all()
     assert not NonePolicy(32, 0.3).select(obs).any()
+
+
+@pytest.mark.parametrize("shape, size", [((2, 3, 64, 96), (16, 24)), ((1, 1, 4, 6), (16, 24)),
+                                         ((2, 3, 48, 48), (48, 48)), ((1, 2, 30, 20), (16, 24)),
+                                         ((1, 3, 64, 96), (32, 24))])
+def test_area_resize_equals_area_interpolation(shape, size):
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(area_resize(x, size), F.interpolate(x, size=size, mode="area"), rtol=1e-6, atol=1e-6)

@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run dense under torch.compile (inductor, freezing; CUDA graphs on a GPU) and "
                              "BlockCopy with the compiled engine (compile=True), every bucket compiled "
                              "before the run")
+    parser.add_argument("--eager-loop", action="store_true",
+                        help="on a GPU, run rl's policy, decoding, IG and update eagerly instead of as CUDA graphs "
+                             "(capture_loop)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of torch's intra-op parallelism (default: torch's, one per core); "
                              "use 1 on a machine busy with other work (there, 2 threads on 2 cores ran 10x "
@@ -122,7 +125,9 @@ def run_one(method: str, tau: float | None, model, adapter, video: Path, args, n
     if method == "dense":
         runner = DenseRunner(model, adapter, BLOCK_SIZE, compile=args.compile)
     else:
-        runner = BlockCopy(model, adapter, block_size=BLOCK_SIZE, policy=method, target=tau, compile=args.compile)
+        capture_loop = method == "rl" and args.device.startswith("cuda") and not args.eager_loop
+        runner = BlockCopy(model, adapter, block_size=BLOCK_SIZE, policy=method, target=tau, compile=args.compile,
+                           capture_loop=capture_loop)
         if args.compile:  # compile every bucket now, so that no timed frame compiles
             first = prepare(next(iter(VideoReader(video, 0, 1, as_tensor=True))))
             runner.sparse(first, torch.ones(1, 1, first.shape[-2] // BLOCK_SIZE, first.shape[-1] // BLOCK_SIZE,

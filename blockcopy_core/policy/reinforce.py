@@ -12,6 +12,11 @@ from .network import PolicyNet
 from .observation import PolicyObservation
 
 
+FRAME_STATISTICS = ("executed_fraction", "information_gain", "loss", "reward", "reward_information", "reward_cost",
+                    "cost_average", "mean_prob")
+"""The per-frame statistics of :meth:`ReinforcePolicy.observe` besides ``updated``."""
+
+
 class Rewards(NamedTuple):
     """Per-block rewards, each (N, 1, Gh, Gw): ``total = information + gamma * cost``."""
 
@@ -62,8 +67,9 @@ class ReinforcePolicy(BlockPolicy):
 
     Training (``policy.train()``, the default, also during evaluation as in the paper): ``select``
     samples and keeps the graph of log pi(a); ``observe(IG)`` computes the rewards of that frame and
-    its loss term; every ``update_every`` observed frames one backward pass and one optimiser step
-    are taken on the mean of the accumulated terms. The loss is thus
+    back-propagates its loss term divided by ``update_every`` into the network's ``.grad``; every
+    ``update_every`` observed frames one optimiser step is taken on the accumulated gradient (that of the
+    mean of the frames' terms; the autograd graph of a frame is freed once observed). The loss is thus
     ``L = -1/(T N) sum_t sum_n sum_b R_b log pi_b(a_b)`` over the T = ``update_every`` frames and N
     streams: summed over blocks as in the paper, averaged over streams and frames so that the step
     does not depend on how many cameras share the policy. Frames keep accumulating across clips (their
@@ -78,7 +84,7 @@ class ReinforcePolicy(BlockPolicy):
     clips' first frames are the caller's decision and do not enter it).
 
     ``state_dict()`` holds the network (``net.*``) and, as extra state, the optimiser state and M, so
-    a policy saved after an update (``stats["updated"]``) resumes exactly; loss terms accumulated
+    a policy saved after an update (``stats["updated"]``) resumes exactly; gradients accumulated
     since the last update are not saved.
 
     Args:
@@ -119,7 +125,7 @@ class ReinforcePolicy(BlockPolicy):
         self.optimizer = torch.optim.RMSprop(self.net.parameters(), lr=lr, weight_decay=weight_decay)
         self._cost_average: torch.Tensor | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._loss_terms: list[torch.Tensor] = []
+        self._observed = 0  # frames whose gradients are accumulated in .grad since the last step
 
     @classmethod
     def config_settings(cls, config, output_channels: int) -> dict:
@@ -139,56 +145,94 @@ class ReinforcePolicy(BlockPolicy):
 
     def _select(self, obs: PolicyObservation, grid_shape: tuple[int, int]) -> torch.Tensor:
         with self._autograd():
-            logits = self.net(obs.frame, obs.frame_state, obs.prev_output, obs.prev_grid)
-            probs = torch.sigmoid(logits)
-            actions = torch.bernoulli(probs.detach())
-            self._pending = (action_log_prob(logits, actions), probs.detach())
+            actions, log_probs, probs = self.sample(obs)
+        self._pending = (log_probs, probs)
         return actions.bool()
+
+    def sample(self, obs: PolicyObservation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draw a grid: (N, 1, Gh, Gw) 0/1 float actions, their log pi(a) (with autograd's graph when
+        recording) and the detached execution probabilities. Runs without host synchronisation."""
+        logits = self.net(obs.frame, obs.frame_state, obs.prev_output, obs.prev_grid)
+        probs = torch.sigmoid(logits).detach()
+        actions = torch.bernoulli(probs)
+        return actions, action_log_prob(logits, actions), probs
+
+    def frame_loss(self, log_probs: torch.Tensor, actions: torch.Tensor, information_gain: torch.Tensor,
+                   previous_cost: torch.Tensor, target: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                    Rewards]:
+        """One frame's REINFORCE loss, cost average M_t and rewards, without host synchronisation.
+
+        Args:
+            log_probs: (N, 1, Gh, Gw) log pi(a) of the frame's actions.
+            actions: (N, 1, Gh, Gw) 0/1 float actions.
+            information_gain: (N, 1, Gh, Gw) block IG.
+            previous_cost: (N,) M_{t-1}.
+            target: tau (a 0-dim tensor in CUDA graphs, so that a changed target reaches the replays).
+        """
+        cost_average = update_cost_average(actions, previous_cost, self.mu)
+        rewards = block_rewards(actions, information_gain.to(actions.dtype), cost_average, target, self.gamma)
+        return reinforce_loss(log_probs, rewards.total), cost_average, rewards
 
     def _observe(self, information_gain: torch.Tensor, grid: torch.Tensor) -> dict:
         log_probs, probs = self._pending
         self._pending = None
         with self._autograd():
             actions = grid.to(log_probs.dtype)
-            cost_average = update_cost_average(actions, self._previous_cost_average(actions), self.mu)
+            loss, cost_average, rewards = self.frame_loss(log_probs, actions, information_gain,
+                                                          self.previous_cost_average(actions), self.target)
             self._cost_average = cost_average
-            information_gain = information_gain.to(actions.dtype)
-            rewards = block_rewards(actions, information_gain, cost_average, self.target, self.gamma)
-            loss = reinforce_loss(log_probs, rewards.total)
             updated = False
             if self.training and log_probs.requires_grad:
-                self._loss_terms.append(loss)
-                if len(self._loss_terms) == self.update_every:
-                    self._step()
-                    updated = True
-        return {
-            **super()._observe(information_gain, grid),
-            "loss": loss.detach(),
-            "reward": rewards.total.mean(),
-            "reward_information": rewards.information.mean(),
-            "reward_cost": rewards.cost.mean(),
-            "cost_average": cost_average.mean(),
-            "mean_prob": probs.mean(),
-            "updated": updated,
-        }
+                self.start_accumulation()
+                (loss / self.update_every).backward()
+                updated = self.count_observed_frame()
+        return {**self.frame_statistics(actions, information_gain, loss, rewards, cost_average, probs),
+                "updated": updated}
 
-    def _previous_cost_average(self, actions: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def frame_statistics(actions: torch.Tensor, information_gain: torch.Tensor, loss: torch.Tensor,
+                         rewards: Rewards, cost_average: torch.Tensor, probs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frame's statistics as 0-dim detached tensors, in the order of :data:`FRAME_STATISTICS`."""
+        values = (actions.mean(), information_gain.mean(), loss.detach(), rewards.total.mean(),
+                  rewards.information.mean(), rewards.cost.mean(), cost_average.mean(), probs.mean())
+        return dict(zip(FRAME_STATISTICS, values))
+
+    def previous_cost_average(self, actions: torch.Tensor) -> torch.Tensor:
         """(N,) M_{t-1}: the running value, or tau for a first frame or a changed number of streams."""
         streams = actions.shape[0]
         if self._cost_average is None or self._cost_average.shape[0] != streams:
             return torch.full((streams,), self.target, dtype=actions.dtype, device=actions.device)
         return self._cost_average.to(actions.device, actions.dtype)
 
-    def _step(self) -> None:
-        """One optimiser step on the mean of the accumulated per-frame losses."""
-        loss = torch.stack(self._loss_terms).mean()
-        self._loss_terms = []
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+    @property
+    def starts_interval(self) -> bool:
+        """Whether the next observed frame is the first of an update interval."""
+        return self._observed == 0
+
+    @property
+    def completes_interval(self) -> bool:
+        """Whether the next observed frame completes an update interval (its observe steps the optimiser)."""
+        return self._observed + 1 >= self.update_every
+
+    def start_accumulation(self) -> None:
+        """Before a frame's gradient is added to ``.grad``: zero it if the frame starts an update interval
+        (zeroed in place, not dropped, since captured loops accumulate into these tensors; after an update
+        ``.grad`` holds the gradient of that update until the next frame)."""
+        if self.starts_interval:
+            self.optimizer.zero_grad(set_to_none=False)
+
+    def count_observed_frame(self) -> bool:
+        """Count a frame whose loss gradient was accumulated into the network's ``.grad``; take the optimiser
+        step when ``update_every`` have been (returns whether it did)."""
+        self._observed += 1
+        if self._observed < self.update_every:
+            return False
         self.optimizer.step()
+        self._observed = 0
+        return True
 
     def reset(self) -> None:
-        """New clip: drop a selection awaiting feedback; keep weights, optimiser, M and accumulated terms."""
+        """New clip: drop a selection awaiting feedback; keep weights, optimiser, M and accumulated gradients."""
         super().reset()
         self._pending = None
 
@@ -197,12 +241,12 @@ class ReinforcePolicy(BlockPolicy):
         return {"optimizer": self.optimizer.state_dict(), "cost_average": self._cost_average}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        """Restore what ``get_extra_state`` saved; drops loss terms accumulated since the last update."""
+        """Restore what ``get_extra_state`` saved; drops gradients accumulated since the last update."""
         self.optimizer.load_state_dict(state["optimizer"])
         cost_average = state["cost_average"]
         device = self.net.head.weight.device
         self._cost_average = None if cost_average is None else cost_average.to(device)
-        self._loss_terms = []
+        self._observed = 0
         self._pending = None
         self._last_grid = None
 

@@ -1,0 +1,169 @@
+"""Tests for the captured online loop (BlockCopy(..., capture_loop=True), blockcopy_core.captured_loop).
+
+On the CPU: the fixed-shape pieces it replays (padded information gain, block IG from boxes, masked O_t
+painting, top-k decoding) equal the list-based ones they replace, exactly. On a GPU: a captured run
+equals an eager run fed the same grids (results, block IG, rewards, the policy's weights after three
+updates, across a clip boundary and a change of tau), and the captured draw stays random.
+"""
+import pytest
+import torch
+
+from blockcopy_core.adapters import CenterNetAdapter, paint_class_masks
+from blockcopy_core.blockcopy import BlockCopy
+from blockcopy_core.errors import ConfigError
+from blockcopy_core.information_gain import batch_box_information_gain, padded_box_information_gain, pool_to_blocks
+from blockcopy_core.models.centernet import decode_detections
+from blockcopy_core.policy.reinforce import action_log_prob
+from test_blockcopy_api import SMALL_POLICY, clip, tiny_model
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def random_detections(gen, streams, count, size=64.0, labels=3):
+    """Per stream ``count`` detections; some boxes empty, reversed or outside the (size x size) map."""
+    dets = []
+    for _ in range(streams):
+        corner = torch.rand(count, 2, generator=gen) * size * 1.2 - 0.1 * size
+        extent = torch.rand(count, 2, generator=gen) * size / 3
+        extent[::5] = 0.0  # empty boxes
+        extent[1::7] *= -1  # reversed boxes
+        boxes = torch.cat([corner, corner + extent], dim=1).round(decimals=1)
+        dets.append({"boxes": boxes, "scores": torch.rand(count, generator=gen),
+                     "labels": torch.randint(0, labels, (count,), generator=gen)})
+    return dets
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_padded_slots_outside_valid_equal_dropping_them(with_labels):
+    gen = torch.Generator().manual_seed(3)
+    current, previous = random_detections(gen, 3, 12), random_detections(gen, 3, 9)
+    valid = torch.rand(3, 12, generator=gen) > 0.4
+    prev_valid = torch.rand(3, 9, generator=gen) > 0.4
+    keys = ("boxes", "scores", "labels") if with_labels else ("boxes", "scores")
+    kept = [{k: d[k][v] for k in keys} for d, v in zip(current, valid)]
+    prev_kept = [{k: d[k][v] for k in keys} for d, v in zip(previous, prev_valid)]
+    expected = batch_box_information_gain(kept, prev_kept, 64, 64)
+    stacked = {k: torch.stack([d[k] for d in current]) for k in keys}
+    prev_stacked = {k: torch.stack([d[k] for d in previous]) for k in keys}
+    labels = (stacked["labels"], prev_stacked["labels"]) if with_labels else (None, None)
+    args = (stacked["boxes"], stacked["scores"], prev_stacked["boxes"], prev_stacked["scores"], 64, 64)
+    options = {"valid": valid, "prev_valid": prev_valid, "labels": labels[0], "prev_labels": labels[1]}
+    assert torch.equal(padded_box_information_gain(*args, **options), expected)
+    assert torch.equal(padded_box_information_gain(*args, **options, block_size=16), pool_to_blocks(expected, 16))
+
+
+def test_adapter_block_information_gain_equals_pooled_map():
+    gen = torch.Generator().manual_seed(4)
+    adapter = CenterNetAdapter(classes=(0, 2), score_threshold=0.3)
+    for _ in range(5):
+        current, previous = random_detections(gen, 2, 15, 256.0), random_detections(gen, 2, 11, 256.0)
+        ig_map = adapter.information_gain(current, previous, (256, 256))
+        blocks = adapter.block_information_gain(current, previous, (256, 256), 64)
+        assert blocks.shape == (2, 1, 4, 4)
+        assert torch.equal(blocks, pool_to_blocks(ig_map, 16))
+        assert blocks.max() > 0
+
+
+def test_output_masks_equal_painting_the_relevant_detections():
+    gen = torch.Generator().manual_seed(5)
+    adapter = CenterNetAdapter(classes=(0, 2), score_threshold=0.3)
+    detections = random_detections(gen, 2, 20, 256.0)
+    masks = adapter.output_masks(detections, (256, 256))
+    expected = paint_class_masks(adapter.relevant(detections), (0, 2), 256, 256, 4)
+    assert masks.shape == (2, 2, 64, 64) and masks.max() > 0
+    assert torch.equal(masks, expected)
+
+
+def test_decoding_without_threshold_has_fixed_shapes():
+    gen = torch.Generator().manual_seed(6)
+    outputs = {"heatmap": torch.rand(2, 3, 16, 16, generator=gen), "wh": torch.rand(2, 4, 16, 16, generator=gen)}
+    detections = decode_detections(outputs, max_detections=20)
+    assert [d["scores"].shape for d in detections] == [(20,), (20,)]
+    thresholded = decode_detections(outputs, score_threshold=1e-9, max_detections=20)
+    for d, t in zip(detections, thresholded):
+        assert all(torch.equal(d[k], t[k]) for k in d)
+
+
+def test_capture_loop_needs_the_rl_policy():
+    with pytest.raises(ConfigError, match="capture_loop.*RandomPolicy"):
+        BlockCopy(tiny_model(), CenterNetAdapter(classes=(0, 1)), block_size=32, policy="random",
+                  capture_loop=True)
+
+
+def test_capture_loop_changes_nothing_on_the_cpu():
+    runs = []
+    for capture in (False, True):
+        torch.manual_seed(7)
+        bc = BlockCopy(tiny_model(), CenterNetAdapter(classes=(0, 1), score_threshold=0.5), block_size=32,
+                       policy_options=SMALL_POLICY, update_interval=2, capture_loop=capture)
+        runs.append([bc.step(frame) for frame in clip(6)])
+    for eager, captured in zip(*runs):
+        assert torch.equal(eager.grid, captured.grid)
+        assert torch.equal(eager.result[0]["boxes"], captured.result[0]["boxes"])
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+def cuda_blockcopy(capture: bool, **settings) -> BlockCopy:
+    torch.manual_seed(11)
+    return BlockCopy(tiny_model().cuda(), CenterNetAdapter(classes=(0, 1), score_threshold=0.5), block_size=32,
+                     policy_options=SMALL_POLICY, cuda_graphs=False, capture_loop=capture, **settings)
+
+
+@cuda
+@pytest.mark.usefixtures("no_tf32")
+def test_captured_loop_equals_the_eager_loop_fed_the_same_grids():
+    captured, eager = cuda_blockcopy(True), cuda_blockcopy(False)
+    forced = {}
+
+    def sample(observation):  # the eager policy's draw replaced by the captured run's grid
+        logits = eager.policy.net(observation.frame, observation.frame_state, observation.prev_output,
+                                  observation.prev_grid)
+        actions = forced["grid"].float()
+        return actions, action_log_prob(logits, actions), torch.sigmoid(logits).detach()
+
+    eager.policy.sample = sample
+    frames = [f.cuda() for f in clip(14)]
+    checked = 0
+    for t, frame in enumerate(frames):
+        if t == 8:  # a new clip: the captured graphs are reused
+            loop = captured._loop
+            captured.reset()
+            eager.reset()
+        if t == 6:
+            captured.target = eager.target = 0.6
+        a = captured.step(frame)
+        forced["grid"] = a.grid
+        b = eager.step(frame)
+        assert torch.equal(a.grid, b.grid)
+        for da, db in zip(a.result, b.result):
+            for key in da:
+                torch.testing.assert_close(da[key], db[key], rtol=1e-5, atol=1e-5)
+        if not a.full_frame:
+            assert a.ig_map is None and b.ig_map is not None  # a ran captured, b eagerly
+            torch.testing.assert_close(a.information_gain, b.information_gain, rtol=1e-5, atol=1e-6)
+            for name, value in b.policy_stats.items():
+                if name != "updated":
+                    torch.testing.assert_close(a.policy_stats[name], value, rtol=1e-4, atol=1e-6)
+            assert a.policy_stats["updated"] == b.policy_stats["updated"]
+            checked += 1
+    assert captured._loop is loop
+    assert checked == 12
+    assert captured.policy.net.stem[1].num_batches_tracked.item() == eager.policy.net.stem[1].num_batches_tracked.item()
+    for (name, pa), pb in zip(captured.policy.state_dict().items(), eager.policy.state_dict().values()):
+        if isinstance(pa, torch.Tensor) and pa.is_floating_point():
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
+    head = captured.policy.net.head.weight
+    assert head.abs().max() > 0  # three updates moved the zero-initialised head
+
+
+@cuda
+def test_captured_draws_are_fresh_each_frame():
+    bc = cuda_blockcopy(True, target=0.5, online_learning=False)  # eval policy: every block at p = 0.5
+    frames = [f.cuda() for f in clip(22)]
+    grids = [bc.step(frame).grid for frame in frames][2:]
+    assert bc._loop is not None
+    distinct = {tuple(g.flatten().tolist()) for g in grids}
+    assert len(distinct) == len(grids)
+    executed = torch.stack(grids).float().mean().item()
+    assert abs(executed - 0.5) < 0.1  # 960 draws: 6 standard deviations
