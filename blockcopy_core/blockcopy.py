@@ -400,6 +400,11 @@ class BlockCopy(nn.Module):
         self._statistics.add(step)
         return step
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        if self._loop is not None:
+            self._loop.drain()  # the policy's weights are about to be overwritten in place
+        super()._load_from_state_dict(*args, **kwargs)
+
     def _apply(self, fn, recurse=True):
         if getattr(self, "_loop", None) is not None:
             self._loop.drain()
