@@ -6,7 +6,9 @@ tile k covering block (stream[k], row[k], col[k]) of the grid. These are the eng
 On CUDA tensors (float16, bfloat16, float32, float64; NCHW- or channels_last-contiguous state) they run
 the kernels of ``kernels/`` (see :mod:`blockcopy_core.cuda_kernels`); elsewhere, or with
 ``BLOCKCOPY_DISABLE_CUDA_KERNELS=1``, the pure-PyTorch ``*_reference`` functions below, which define
-the semantics and are the kernels' test oracle. Both paths return gathered tiles in the state's memory
+the semantics and are the kernels' test oracle. On the CPU the moves copy whole windows, with the C++
+kernels of ``kernels/cpu_tiles.cpp`` (:mod:`blockcopy_core.cpu_kernels`) or, without a compiler, one
+PyTorch copy per tile. Both paths return gathered tiles in the state's memory
 order (channels_last when the state is channels_last, for fast cuDNN convolutions on them).
 """
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from . import cuda_kernels
+from . import cpu_kernels, cuda_kernels
 from .errors import InvalidInputError
 from .grid import TileIndex
 
@@ -168,6 +170,11 @@ def _scatter_tiles_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileInde
     computes an offset per element and took longer than the tiles' convolutions."""
     t = tiles.shape[-1]
     tiles = tiles.to(state.dtype)
+    kernels = _cpu_kernels(state)
+    if kernels is not None:
+        kernels.scatter_windows(state, tiles.contiguous(memory_format=_memory_format(state)),
+                                *_index_tensors(index, state.device))
+        return
     for k, (stream, row, col) in enumerate(index.triples()):
         state[stream, :, row * t:(row + 1) * t, col * t:(col + 1) * t].copy_(tiles[k])
 
@@ -180,9 +187,22 @@ def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, hal
     tile_h, tile_w = tile_size + top + bottom, tile_size + left + right
     out = torch.empty(len(index), state.shape[1], tile_h, tile_w, dtype=state.dtype, device=state.device,
                       memory_format=_memory_format(state))
+    kernels = _cpu_kernels(state)
+    if kernels is not None:
+        kernels.gather_windows(state, out, *_index_tensors(index, state.device), tile_size, top, left, tile_h,
+                               tile_w, 0, 0, border == "replicate", float(value))
+        return out
     for k, (stream, row, col) in enumerate(index.triples()):
         _copy_window(out[k], state[stream], row * tile_size - top, col * tile_size - left, border, value)
     return out
+
+
+def _cpu_kernels(state: torch.Tensor):
+    """The CPU kernel module when it serves ``state`` (see :mod:`blockcopy_core.cpu_kernels`), else None."""
+    if state.dtype not in _KERNEL_DTYPES or state.dim() != 4 \
+            or not state.is_contiguous(memory_format=_memory_format(state)):
+        return None
+    return cpu_kernels.load()
 
 
 def _copy_window(out: torch.Tensor, frame: torch.Tensor, y0: int, x0: int, border: str, value: float) -> None:
@@ -228,6 +248,13 @@ def gather_tap_windows(state: torch.Tensor, index: TileIndex, tile_size: int, ke
                          dim=-2).contiguous(memory_format=_memory_format(state))
     out = torch.empty(len(index), state.shape[1], k_h * t, k_w * t, dtype=state.dtype, device=state.device,
                       memory_format=_memory_format(state))
+    kernels = _cpu_kernels(state)
+    if kernels is not None:
+        for a in range(k_h):
+            for b in range(k_w):
+                kernels.gather_windows(state, out, *_index_tensors(index, state.device), t, p_h - a * d_h,
+                                       p_w - b * d_w, t, t, a * t, b * t, False, 0.0)
+        return out
     for k, (stream, row, col) in enumerate(index.triples()):
         for a in range(k_h):
             for b in range(k_w):

@@ -5,8 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blockcopy_core import cpu_kernels
 from blockcopy_core.grid import TileIndex
-from blockcopy_core.tiles import gather_tiles, gather_tiles_reference, scatter_tiles, scatter_tiles_reference
+from blockcopy_core.tiles import (gather_tap_windows, gather_tiles, gather_tiles_reference, reference_moves,
+                                  scatter_tiles, scatter_tiles_reference)
+
+
+@pytest.fixture(params=["kernels", "per-tile copies"])
+def cpu_path(request, monkeypatch):
+    """The CPU tile moves with the C++ kernels (kernels/cpu_tiles.cpp) and without (per-tile PyTorch copies)."""
+    if request.param == "kernels":
+        if cpu_kernels.load() is None:
+            pytest.skip("the CPU tile kernels could not be built here (no C++ compiler?)")
+    else:
+        monkeypatch.setenv("BLOCKCOPY_DISABLE_CPU_KERNELS", "1")
+    return request.param
 
 
 def naive_gather(state, index, t, halo, border, value):
@@ -47,9 +60,10 @@ def test_gather_matches_per_pixel_definition(halo, border, value):
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("border, value", [("constant", 0.0), ("constant", float("-inf")), ("replicate", 0.0)])
-def test_cpu_tile_copies_equal_the_reference(memory_format, border, value):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_tile_copies_equal_the_reference(memory_format, border, value, dtype, cpu_path):
     t = 4
-    state = torch.randn(3, 5, 4 * t, 5 * t).contiguous(memory_format=memory_format)
+    state = torch.randn(3, 5, 4 * t, 5 * t).to(dtype).contiguous(memory_format=memory_format)
     grid = torch.rand(3, 1, 4, 5) < 0.4
     grid[2, 0, 3, 4] = True
     index = TileIndex.from_grid(grid)
@@ -62,6 +76,18 @@ def test_cpu_tile_copies_equal_the_reference(memory_format, border, value):
     scatter_tiles(fast, tiles, index)
     scatter_tiles_reference(reference, tiles, index)
     assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_cpu_tap_windows_equal_slices_of_the_halo_gather(memory_format, cpu_path):
+    t = 4
+    state = torch.randn(2, 3, 3 * t, 4 * t).contiguous(memory_format=memory_format)
+    index = TileIndex.from_grid(torch.rand(2, 1, 3, 4) < 0.6)
+    for kernel, dilation, before in [((3, 3), (6, 6), (6, 6)), ((3, 3), (1, 1), (1, 1)), ((1, 3), (1, 5), (0, 5))]:
+        fast = gather_tap_windows(state, index, t, kernel, dilation, before)
+        with reference_moves():
+            reference = gather_tap_windows(state, index, t, kernel, dilation, before)
+        assert torch.equal(fast, reference) and fast.is_contiguous(memory_format=memory_format)
 
 
 def test_scatter_writes_exactly_the_executed_blocks():
