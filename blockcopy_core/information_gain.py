@@ -105,8 +105,8 @@ def batch_box_information_gain(
     if any(has_labels) and not all(has_labels):
         raise ValueError("either every detection dict (current and previous) has 'labels' or none")
     device = detections[0]["boxes"].device
-    current = _pad_streams(detections, all(has_labels), device, "detections")
-    previous = _pad_streams(prev_detections, all(has_labels), device, "prev_detections")
+    current = pad_detections(detections, all(has_labels), device, "detections")
+    previous = pad_detections(prev_detections, all(has_labels), device, "prev_detections")
     return padded_box_information_gain(
         current["boxes"], current["scores"], previous["boxes"], previous["scores"], height, width,
         valid=current["valid"], prev_valid=previous["valid"], labels=current["labels"],
@@ -265,7 +265,7 @@ def padded_box_information_gain(
     values, prev_values = _matched_values(iou, scores, prev_scores)
     all_boxes, all_values = torch.cat([boxes, prev_boxes], dim=1), torch.cat([values, prev_values], dim=1)
     if block_size is None:
-        return _paint_boxes(all_boxes, all_values, height, width)
+        return paint_boxes(all_boxes, all_values, height, width)
     return _block_maxima(all_boxes, all_values, height, width, block_size)
 
 
@@ -276,7 +276,7 @@ def _stream_box_iou(boxes: torch.Tensor, prev_boxes: torch.Tensor) -> torch.Tens
     return iou.diagonal(dim1=0, dim2=2).permute(2, 0, 1).nan_to_num(0.0)
 
 
-def _pad_streams(dets: Sequence[Mapping[str, torch.Tensor]], use_labels: bool, device: torch.device,
+def pad_detections(dets: Sequence[Mapping[str, torch.Tensor]], use_labels: bool, device: torch.device,
                  name: str) -> dict[str, torch.Tensor | None]:
     """The detections of N streams padded to the largest count: boxes (N, K, 4), scores (N, K), labels
     (N, K) or None, valid (N, K) bool."""
@@ -319,7 +319,7 @@ def _matched_values(iou: torch.Tensor, scores: torch.Tensor,
 
 def _block_maxima(boxes: torch.Tensor, values: torch.Tensor, height: int, width: int,
                   block_size: int) -> torch.Tensor:
-    """The per-block maximum of :func:`_paint_boxes`'s map, (N, 1, height // block_size, width //
+    """The per-block maximum of :func:`paint_boxes`'s map, (N, 1, height // block_size, width //
     block_size), from the boxes alone: a block's value is the largest value of the boxes reaching into
     its pixels (0 if none)."""
     if height % block_size or width % block_size:
@@ -341,7 +341,7 @@ def _block_cover(low: torch.Tensor, high: torch.Tensor, size: int, block_size: i
     return (first < starts + block_size) & (last > starts) & (first < last)
 
 
-def _paint_boxes(boxes: torch.Tensor, values: torch.Tensor, height: int,
+def paint_boxes(boxes: torch.Tensor, values: torch.Tensor, height: int,
                  width: int) -> torch.Tensor:
     """Max-composite constant values over boxes into per-stream maps that start at 0.
 

@@ -62,7 +62,7 @@ def scatter_tiles(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) ->
         else:
             scatter_tiles_reference(state, tiles, index)
         return
-    tiles = tiles.to(state.dtype).contiguous(memory_format=_memory_format(state))
+    tiles = tiles.to(state.dtype).contiguous(memory_format=memory_format_of(state))
     kernels.scatter_tiles(state, tiles, *_index_tensors(index, state.device))
 
 
@@ -118,13 +118,13 @@ def update_and_gather(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex
     t = tiles.shape[-1]
     kernels = _kernels(state)
     fused = (kernels is not None and tiles.device == state.device and state.shape[-2] % t == 0
-             and state.shape[-1] % t == 0 and _memory_format(state) == torch.channels_last)
+             and state.shape[-1] % t == 0 and memory_format_of(state) == torch.channels_last)
     if not fused:
         scatter_tiles(state, tiles, index)
         return gather_tiles(state, index, t, halo, border, value)
     if tile_map is None:
         tile_map = block_tile_map(index, (state.shape[0], state.shape[2] // t, state.shape[3] // t))
-    tiles = tiles.to(state.dtype).contiguous(memory_format=_memory_format(state))
+    tiles = tiles.to(state.dtype).contiguous(memory_format=memory_format_of(state))
     return kernels.update_and_gather(state, tiles, *_index_tensors(index, state.device), tile_map, *halo,
                                      border, float(value))
 
@@ -152,7 +152,7 @@ def gather_tiles_reference(state: torch.Tensor, index: TileIndex, tile_size: int
                            halo: tuple[int, int, int, int] = (0, 0, 0, 0), border: str = "constant",
                            value: float = 0.0) -> torch.Tensor:
     """Pure-PyTorch :func:`gather_tiles` (pads a copy of the whole state)."""
-    memory_format = _memory_format(state)
+    memory_format = memory_format_of(state)
     left, right, top, bottom = halo
     if any(halo):
         state = F.pad(state, (left, right, top, bottom), mode=border,
@@ -172,7 +172,7 @@ def _scatter_tiles_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileInde
     tiles = tiles.to(state.dtype)
     kernels = _cpu_kernels(state)
     if kernels is not None:
-        kernels.scatter_windows(state, tiles.contiguous(memory_format=_memory_format(state)),
+        kernels.scatter_windows(state, tiles.contiguous(memory_format=memory_format_of(state)),
                                 *_index_tensors(index, state.device))
         return
     for k, (stream, row, col) in enumerate(index.triples()):
@@ -186,7 +186,7 @@ def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, hal
     left, right, top, bottom = halo
     tile_h, tile_w = tile_size + top + bottom, tile_size + left + right
     out = torch.empty(len(index), state.shape[1], tile_h, tile_w, dtype=state.dtype, device=state.device,
-                      memory_format=_memory_format(state))
+                      memory_format=memory_format_of(state))
     kernels = _cpu_kernels(state)
     if kernels is not None:
         kernels.gather_windows(state, out, *_index_tensors(index, state.device), tile_size, top, left, tile_h,
@@ -200,7 +200,7 @@ def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, hal
 def _cpu_kernels(state: torch.Tensor):
     """The CPU kernel module when it serves ``state`` (see :mod:`blockcopy_core.cpu_kernels`), else None."""
     if state.dtype not in _KERNEL_DTYPES or state.dim() != 4 \
-            or not state.is_contiguous(memory_format=_memory_format(state)):
+            or not state.is_contiguous(memory_format=memory_format_of(state)):
         return None
     return cpu_kernels.load()
 
@@ -245,9 +245,9 @@ def gather_tap_windows(state: torch.Tensor, index: TileIndex, tile_size: int, ke
         grown = gather_tiles(state, index, t, halo)
         rows = [grown[..., a * d_h:a * d_h + t, :] for a in range(k_h)]
         return torch.cat([torch.cat([r[..., b * d_w:b * d_w + t] for b in range(k_w)], dim=-1) for r in rows],
-                         dim=-2).contiguous(memory_format=_memory_format(state))
+                         dim=-2).contiguous(memory_format=memory_format_of(state))
     out = torch.empty(len(index), state.shape[1], k_h * t, k_w * t, dtype=state.dtype, device=state.device,
-                      memory_format=_memory_format(state))
+                      memory_format=memory_format_of(state))
     kernels = _cpu_kernels(state)
     if kernels is not None:
         for a in range(k_h):
@@ -263,7 +263,7 @@ def gather_tap_windows(state: torch.Tensor, index: TileIndex, tile_size: int, ke
     return out
 
 
-def _memory_format(state: torch.Tensor) -> torch.memory_format:
+def memory_format_of(state: torch.Tensor) -> torch.memory_format:
     """channels_last for a channels_last-contiguous state (not also NCHW-contiguous), else NCHW."""
     if not state.is_contiguous() and state.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last

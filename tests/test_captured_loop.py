@@ -8,6 +8,7 @@ updates, across a clip boundary and a change of tau), and the captured draw stay
 import pytest
 import torch
 
+from blockcopy_core import adapters
 from blockcopy_core.adapters import CenterNetAdapter, paint_class_masks
 from blockcopy_core.blockcopy import BlockCopy
 from blockcopy_core.errors import ConfigError
@@ -52,19 +53,31 @@ def test_padded_slots_outside_valid_equal_dropping_them(with_labels):
     assert torch.equal(padded_box_information_gain(*args, **options, block_size=16), pool_to_blocks(expected, 16))
 
 
-def test_adapter_block_information_gain_equals_pooled_map():
+@pytest.fixture(params=["eager", "as captured"])
+def adapter_mode(request, monkeypatch):
+    """The adapter as run eagerly (irrelevant detections dropped) and as in a CUDA graph capture (kept,
+    masked)."""
+    if request.param == "as captured":
+        monkeypatch.setattr(adapters, "_capturing", lambda device: True)
+    return request.param
+
+
+def test_adapter_block_information_gain_equals_pooled_map(adapter_mode):
     gen = torch.Generator().manual_seed(4)
     adapter = CenterNetAdapter(classes=(0, 2), score_threshold=0.3)
     for _ in range(5):
         current, previous = random_detections(gen, 2, 15, 256.0), random_detections(gen, 2, 11, 256.0)
+        expected = batch_box_information_gain(*(
+            [{**d, "boxes": d["boxes"] / 4} for d in adapter.relevant(dets)] for dets in (current, previous)), 64, 64)
         ig_map = adapter.information_gain(current, previous, (256, 256))
         blocks = adapter.block_information_gain(current, previous, (256, 256), 64)
         assert blocks.shape == (2, 1, 4, 4)
+        assert torch.equal(ig_map, expected)
         assert torch.equal(blocks, pool_to_blocks(ig_map, 16))
         assert blocks.max() > 0
 
 
-def test_output_masks_equal_painting_the_relevant_detections():
+def test_output_masks_equal_painting_the_relevant_detections(adapter_mode):
     gen = torch.Generator().manual_seed(5)
     adapter = CenterNetAdapter(classes=(0, 2), score_threshold=0.3)
     detections = random_detections(gen, 2, 20, 256.0)

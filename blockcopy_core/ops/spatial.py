@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from ..activation import SPATIAL, VECTOR, plain, wrap
 from ..macs import conv_macs, conv_transpose_macs
+from ..tiles import memory_format_of
 from .common import bind, call, pair, require_standard_layout, with_input
 
 Halo = tuple[int, int, int, int]  # left, right, top, bottom
@@ -146,7 +147,7 @@ def conv_transpose2d(ex, name, func, args, kwargs):
         ex.unsupported(name, f"kernel {kernel} with stride {stride} leaves gaps between tiles")
     ex.add_macs(conv_transpose_macs(grown, weight))
     out = full[..., start[0]:start[0] + size[0], start[1]:start[1] + size[1]]
-    return wrap(out.contiguous(), SPATIAL)
+    return wrap(out.contiguous(memory_format=memory_format_of(grown)), SPATIAL)
 
 
 def max_pool2d(ex, name, func, args, kwargs):
@@ -232,7 +233,7 @@ def _upsample(ex, name, x, run_dense, run, factor, halo_px: Halo, border="replic
     out = run(tiles)
     left, _, top, _ = halo_px
     out = out[..., top * factor:(top + t) * factor, left * factor:(left + t) * factor]
-    return wrap(out.contiguous(), SPATIAL)
+    return wrap(out.contiguous(memory_format=memory_format_of(tiles)), SPATIAL)
 
 
 def _integer_factor(ex, name, x, size, scale_factor) -> int:
