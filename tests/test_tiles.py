@@ -115,3 +115,19 @@ def test_scatter_then_gather_round_trip_and_empty_index():
     target = torch.zeros_like(state)
     scatter_tiles(target, tiles, full)
     assert torch.equal(target, state)
+
+
+def test_a_failed_cpu_kernel_build_warns_once_and_keeps_the_per_tile_copies(monkeypatch):
+    def broken():
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(cpu_kernels, "_module", None)
+    monkeypatch.setattr(cpu_kernels, "_failed", False)
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    with pytest.warns(RuntimeWarning, match="(?s)CPU tile kernels failed.*no compiler here"):
+        assert cpu_kernels.load() is None
+    assert cpu_kernels.load() is None  # no second attempt, no second warning
+    state = torch.randn(1, 2, 8, 8)
+    index = TileIndex.from_grid(torch.tensor([[[[True, False], [False, True]]]]))
+    halo = (1, 1, 1, 1)
+    assert torch.equal(gather_tiles(state, index, 4, halo), gather_tiles_reference(state, index, 4, halo))
