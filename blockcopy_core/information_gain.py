@@ -286,9 +286,14 @@ def pad_detections(dets: Sequence[Mapping[str, torch.Tensor]], use_labels: bool,
         if d["boxes"].device != device:
             raise ValueError(f"{name}[{i}] is on {d['boxes'].device}, the first stream on {device}")
     keys = ("boxes", "scores", "labels") if use_labels else ("boxes", "scores")
-    padded = {key: pad_sequence([d[key] for d in dets], batch_first=True) for key in keys}
-    padded["valid"] = pad_sequence([torch.ones(d["scores"].shape[0], dtype=torch.bool, device=device)
-                                    for d in dets], batch_first=True)
+    counts = [d["scores"].shape[0] for d in dets]
+    if len(set(counts)) == 1:  # a top-k decoder's fixed count: one stack per key, nothing padded
+        padded = {key: torch.stack([d[key] for d in dets]) for key in keys}
+        padded["valid"] = torch.ones(len(dets), counts[0], dtype=torch.bool, device=device)
+    else:
+        padded = {key: pad_sequence([d[key] for d in dets], batch_first=True) for key in keys}
+        padded["valid"] = pad_sequence([torch.ones(count, dtype=torch.bool, device=device) for count in counts],
+                                       batch_first=True)
     return {"labels": None, **padded}
 
 
