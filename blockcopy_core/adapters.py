@@ -274,10 +274,11 @@ class DetectionAdapter(OutputAdapter):
         paint: a decoder's top 100 are mostly below the threshold); in a CUDA graph capture they stay,
         masked (no host read, fixed shapes when the streams have equal counts)."""
         device = detections[0]["boxes"].device
-        if not _capturing(device):
-            detections = self.relevant(detections)
-        padded = pad_detections(detections, True, device, "detections")
-        padded["valid"] = padded["valid"] & self._relevance(padded["scores"], padded["labels"])
+        if _capturing(device):
+            padded = pad_detections(detections, True, device, "detections")
+            padded["valid"] = padded["valid"] & self._relevance(padded["scores"], padded["labels"])
+        else:
+            padded = pad_detections(self.relevant(detections), True, device, "detections")
         padded["boxes"] = padded["boxes"].float() / self.stride
         return padded
 

@@ -70,7 +70,7 @@ def loop_key(blockcopy: "BlockCopy", frames: torch.Tensor, outputs: Any) -> tupl
 class _Slot:
     """The graphs of one of the two alternating frames and the tensors only they use."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self) -> None:
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self.backward_done = torch.cuda.Event()
         self.backward_pending = False
@@ -115,8 +115,9 @@ class CapturedLoop:
         self.grads = [param.grad for param in self.params]
         self.main = torch.cuda.current_stream(device)
         self.side = torch.cuda.Stream(device)
-        self.slots = [_Slot(device) for _ in range(SLOTS)]
-        self.slot = self.slots[-1]
+        self.slots = [_Slot() for _ in range(SLOTS)]
+        self.frame_number = -1  # of the frames replayed, counting from the first; picks the slot
+        self.slot = self.slots[0]
         self.graphs: dict[str, torch.cuda.CUDAGraph] = {}
         adapter = owner.adapter
         self.policy_macs = owner._count_policy_macs(PolicyObservation(
@@ -203,7 +204,8 @@ class CapturedLoop:
     def select(self, frames: torch.Tensor, frame_state: torch.Tensor, prev_masks: torch.Tensor,
                prev_grid: torch.Tensor, prev_result: Any) -> torch.Tensor:
         """Replay the policy; returns the (N, 1, Gh, Gw) bool grid (a static tensor: clone to keep it)."""
-        self.slot = self.slots[(self.slots.index(self.slot) + 1) % SLOTS]
+        self.frame_number += 1
+        self.slot = self.slots[self.frame_number % SLOTS]
         if self.slot.backward_pending:  # its tensors are still being read by the backward pass of frame t - 2
             self.main.wait_event(self.slot.backward_done)
         self.frames.copy_(frames)

@@ -277,7 +277,7 @@ def _stream_box_iou(boxes: torch.Tensor, prev_boxes: torch.Tensor) -> torch.Tens
 
 
 def pad_detections(dets: Sequence[Mapping[str, torch.Tensor]], use_labels: bool, device: torch.device,
-                 name: str) -> dict[str, torch.Tensor | None]:
+                   name: str) -> dict[str, torch.Tensor | None]:
     """The detections of N streams padded to the largest count: boxes (N, K, 4), scores (N, K), labels
     (N, K) or None, valid (N, K) bool."""
     for i, d in enumerate(dets):
@@ -346,8 +346,7 @@ def _block_cover(low: torch.Tensor, high: torch.Tensor, size: int, block_size: i
     return (first < starts + block_size) & (last > starts) & (first < last)
 
 
-def paint_boxes(boxes: torch.Tensor, values: torch.Tensor, height: int,
-                 width: int) -> torch.Tensor:
+def paint_boxes(boxes: torch.Tensor, values: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Max-composite constant values over boxes into per-stream maps that start at 0.
 
     Each axis is cut into cells that no box edge crosses (:func:`_axis_cells`), so every box covers a

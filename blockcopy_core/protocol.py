@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from .adapters import OutputAdapter
+from .captured_loop import clone_tensors
 from .blockcopy import RunStatistics, StepResult
 from .engine import FrameStats
 from .graphs import graphed
@@ -124,7 +125,7 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
         fast = torch.compile(model, options={"freezing": freezing, "triton.cudagraphs": example.is_cuda})
         error = relative_error(fast(example), expected)
         if error <= rtol:
-            return lambda frames: tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, fast(frames))
+            return lambda frames: clone_tensors(fast(frames))
         if freezing:
             warnings.warn(f"torch.compile with freezing computes wrong outputs for this model (relative error "
                           f"{error:.2g} > {rtol:g}); compiling it without freezing", RuntimeWarning, stacklevel=2)

@@ -166,8 +166,9 @@ def gather_tiles_reference(state: torch.Tensor, index: TileIndex, tile_size: int
 
 
 def _scatter_tiles_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex) -> None:
-    """:func:`scatter_tiles_reference` as one block copy per tile: on the CPU, advanced-index assignment
-    computes an offset per element and took longer than the tiles' convolutions."""
+    """:func:`scatter_tiles_reference` as block copies, one C++ call for all tiles (or, without the CPU
+    kernels, one copy per tile): on the CPU, advanced-index assignment computes an offset per element and
+    took longer than the tiles' convolutions."""
     t = tiles.shape[-1]
     tiles = tiles.to(state.dtype)
     kernels = _cpu_kernels(state)
@@ -182,7 +183,8 @@ def _scatter_tiles_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileInde
 def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, halo: tuple[int, int, int, int],
                       border: str, value: float) -> torch.Tensor:
     """:func:`gather_tiles_reference` for ``constant`` and ``replicate`` borders as one window copy per
-    tile: no padded copy of the whole map, no per-element index arithmetic."""
+    tile (one C++ call for all, or a copy per tile without the CPU kernels): no padded copy of the whole
+    map, no per-element index arithmetic."""
     left, right, top, bottom = halo
     tile_h, tile_w = tile_size + top + bottom, tile_size + left + right
     out = torch.empty(len(index), state.shape[1], tile_h, tile_w, dtype=state.dtype, device=state.device,
@@ -250,10 +252,11 @@ def gather_tap_windows(state: torch.Tensor, index: TileIndex, tile_size: int, ke
                       memory_format=memory_format_of(state))
     kernels = _cpu_kernels(state)
     if kernels is not None:
+        tile_index = _index_tensors(index, state.device)
         for a in range(k_h):
             for b in range(k_w):
-                kernels.gather_windows(state, out, *_index_tensors(index, state.device), t, p_h - a * d_h,
-                                       p_w - b * d_w, t, t, a * t, b * t, False, 0.0)
+                kernels.gather_windows(state, out, *tile_index, t, p_h - a * d_h, p_w - b * d_w, t, t, a * t, b * t,
+                                       False, 0.0)
         return out
     for k, (stream, row, col) in enumerate(index.triples()):
         for a in range(k_h):
