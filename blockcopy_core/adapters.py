@@ -21,7 +21,8 @@ per-pixel classifiers.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,9 +120,26 @@ class _DeviceConstants:
         return self._copies[device]
 
 
+_fixed_shapes = False  # set by fixed_shapes()
+
+
+@contextmanager
+def fixed_shapes() -> Iterator[None]:
+    """Run the adapters' decoding, O_t and IG as in a CUDA graph capture (irrelevant detections masked,
+    not dropped: no host read, fixed shapes) also outside one, e.g. while a loop stage is traced for
+    compilation before its capture."""
+    global _fixed_shapes
+    previous, _fixed_shapes = _fixed_shapes, True
+    try:
+        yield
+    finally:
+        _fixed_shapes = previous
+
+
 def _capturing(device: torch.device) -> bool:
-    """Whether work on ``device`` is being captured in a CUDA graph (no host reads allowed)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """Whether work on ``device`` must keep fixed shapes and read nothing on the host: inside
+    :func:`fixed_shapes` or a CUDA graph capture."""
+    return _fixed_shapes or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
 
 
 class OutputAdapter(ABC):

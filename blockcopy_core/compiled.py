@@ -22,9 +22,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import activation, tiles
 
@@ -78,6 +79,45 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
     if inputs and inputs[0].is_cuda:
         torch.cuda.synchronize(inputs[0].device)
     return FrameProgram(compiled, int(macs[-1]), time.perf_counter() - started)
+
+
+def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
+    """``fn`` traced on ``args`` and compiled by inductor: a callable taking arguments of the same structure
+    (pytrees whose tensors have the examples' shapes, and equal non-tensor leaves) and returning what
+    ``fn`` returns. ``fn`` must read nothing on the host and run under ``torch.no_grad`` (its tensors are
+    traced as graph inputs, its control flow is fixed by the examples)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    leaves, in_spec = pytree.tree_flatten(args)
+    tensor_at = [isinstance(leaf, torch.Tensor) for leaf in leaves]
+    constants = [None if is_tensor else leaf for leaf, is_tensor in zip(leaves, tensor_at)]
+    out_specs = []
+
+    def flat(*tensors):
+        inputs = iter(tensors)
+        call = [next(inputs) if is_tensor else constant for is_tensor, constant in zip(tensor_at, constants)]
+        outputs, out_spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(call, in_spec)))
+        out_specs.append(out_spec)
+        return outputs
+
+    examples = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+    with torch.no_grad(), _one_trace:
+        graph = make_fx(flat, tracing_mode="real")(*examples)
+        with inductor_config.patch(freezing=False):
+            compiled = compile_fx(graph, examples)
+    out_spec = out_specs[-1]
+
+    def run(*call_args):
+        call, spec = pytree.tree_flatten(call_args)
+        if spec != in_spec or [isinstance(leaf, torch.Tensor) for leaf in call] != tensor_at or any(
+                not is_tensor and leaf != constant for leaf, is_tensor, constant in zip(call, tensor_at, constants)):
+            raise ValueError(f"{getattr(fn, '__name__', fn)!r} was compiled for arguments of another structure")
+        return pytree.tree_unflatten(list(compiled(*(leaf for leaf in call if isinstance(leaf, torch.Tensor)))),
+                                     out_spec)
+
+    return run
 
 
 _one_trace = threading.Lock()  # tracing swaps module-level switches (reference tile moves, the tracer)

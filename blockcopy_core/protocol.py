@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from .adapters import OutputAdapter
-from .captured_loop import clone_tensors
+from .captured_loop import captured_function, clone_tensors
 from .blockcopy import RunStatistics, StepResult
 from .engine import FrameStats
 from .graphs import graphed
@@ -50,7 +50,9 @@ class DenseRunner:
     On CUDA the model runs as one CUDA graph, as the block-sparse runs do, so that their times compare.
     With ``compile=True`` it runs under ``torch.compile`` instead (inductor with freezing; on CUDA mode
     "reduce-overhead", i.e. CUDA graphs): the dense side of a comparison with a block-sparse model
-    converted with ``compile=True``. It compiles on the first frame.
+    converted with ``compile=True``. It compiles on the first frame. With ``compile=True`` and an adapter
+    whose decoding has fixed shapes (``adapter.capturable``), the decoding is compiled too and, on CUDA,
+    replayed as a CUDA graph, as BlockCopy's captured loop (``compile_loop``) decodes.
 
     Args:
         model: the task network (eval mode).
@@ -67,6 +69,7 @@ class DenseRunner:
         self.compile = compile
         self._macs: int | None = None
         self._forward = None
+        self._decoders: dict[tuple, Callable[[Any], Any]] = {}  # by frame size and output shapes
         self.reset_statistics()
 
     def reset(self) -> None:
@@ -90,7 +93,7 @@ class DenseRunner:
         outputs = self._forward(frames)
         _synchronize(frames)
         network = time.perf_counter() - start
-        result = self.adapter.decode(outputs, size)
+        result = self._decoder(outputs, size)(outputs)
         _synchronize(frames)
         seconds = {"network": network, "sparse_overhead": 0.0,
                    "postprocess": time.perf_counter() - start - network}
@@ -101,6 +104,16 @@ class DenseRunner:
                           None, seconds)
         self.statistics.add(step)
         return step
+
+
+    def _decoder(self, outputs: Any, size: tuple[int, int]) -> Callable[[Any], Any]:
+        """The decoding of outputs like ``outputs`` of ``size`` frames (compiled and captured where it can)."""
+        key = (size, tuple(tuple(t.shape) for t in tree_leaves(outputs)))
+        if key not in self._decoders:
+            decode = lambda out: self.adapter.decode(out, size)  # noqa: E731
+            self._decoders[key] = captured_function(decode, outputs) if (
+                self.compile and self.adapter.capturable) else decode
+        return self._decoders[key]
 
 
 def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float | None = None):

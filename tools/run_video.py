@@ -83,7 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="run dense under torch.compile (inductor, freezing; CUDA graphs on a GPU) and "
                              "BlockCopy with the compiled engine (compile=True), every bucket compiled "
-                             "before the run")
+                             "before the run, and on a GPU rl's captured loop compiled (compile_loop)")
+    parser.add_argument("--buckets", type=int, default=None,
+                        help="the engine's number of executed-block buckets on a GPU (default: the config's 16); "
+                             "with --compile each is one program to compile (a CenterNet bucket took over 30 s "
+                             "on an H200 machine)")
     parser.add_argument("--channels-last", action="store_true",
                         help="run every method's model and frames in channels_last memory order (on the CPU the "
                              "faster layout for both dense and block-sparse)")
@@ -130,8 +134,9 @@ def run_one(method: str, tau: float | None, model, adapter, video: Path, args, n
         runner = DenseRunner(model, adapter, BLOCK_SIZE, compile=args.compile)
     else:
         capture_loop = method == "rl" and args.device.startswith("cuda") and not args.eager_loop
+        buckets = {} if args.buckets is None else {"buckets": args.buckets}
         runner = BlockCopy(model, adapter, block_size=BLOCK_SIZE, policy=method, target=tau, compile=args.compile,
-                           capture_loop=capture_loop)
+                           capture_loop=capture_loop, compile_loop=capture_loop and args.compile, **buckets)
         if args.compile:  # compile every bucket now, so that no timed frame compiles
             first = prepare(next(iter(VideoReader(video, 0, 1, as_tensor=True))))
             runner.sparse(first, torch.ones(1, 1, first.shape[-2] // BLOCK_SIZE, first.shape[-1] // BLOCK_SIZE,
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"video": video.name, "ground_truth": None if gt_path is None else gt_path.name, "frames": num_frames, "warmup": args.warmup,
                    "evaluated_frames": [eval_numbers.start, eval_numbers.stop - 1], "taus": args.taus,
                    "methods": args.methods, "seed": args.seed, "threads": torch.get_num_threads(),
-                   "block_size": BLOCK_SIZE, "compile": args.compile,
+                   "block_size": BLOCK_SIZE, "compile": args.compile, "buckets": args.buckets,
                    "pretrain_epochs": args.pretrain_epochs, "pretrain_clip": args.pretrain_clip,
                    "ig_classes": list(adapter.classes), "ig_score_threshold": adapter.score_threshold},
         "runs": rows,

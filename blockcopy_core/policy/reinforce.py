@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +124,8 @@ class ReinforcePolicy(BlockPolicy):
         self.net = PolicyNet(output_channels, block_size, widths, initial_target=target)
         self.optimizer = torch.optim.RMSprop(self.net.parameters(), lr=lr, weight_decay=weight_decay)
         self._cost_average: torch.Tensor | None = None
+        # set by a captured loop whose side stream may still write .grad, the weights and the optimiser state
+        self.updates_in_flight: Callable[[], None] | None = None
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._observed = 0  # frames whose gradients are accumulated in .grad since the last step
 
@@ -152,7 +154,11 @@ class ReinforcePolicy(BlockPolicy):
     def sample(self, obs: PolicyObservation) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Draw a grid: (N, 1, Gh, Gw) 0/1 float actions, their log pi(a) (with autograd's graph when
         recording) and the detached execution probabilities. Runs without host synchronisation."""
-        logits = self.net(obs.frame, obs.frame_state, obs.prev_output, obs.prev_grid)
+        return self.draw(self.net(obs.frame, obs.frame_state, obs.prev_output, obs.prev_grid))
+
+    @staticmethod
+    def draw(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`sample` from the network's (N, 1, Gh, Gw) ``logits``."""
         probs = torch.sigmoid(logits).detach()
         actions = torch.bernoulli(probs)
         return actions, action_log_prob(logits, actions), probs
@@ -221,15 +227,30 @@ class ReinforcePolicy(BlockPolicy):
         if self.starts_interval:
             self.optimizer.zero_grad(set_to_none=False)
 
-    def count_observed_frame(self) -> bool:
+    def count_observed_frame(self, step: bool = True) -> bool:
         """Count a frame whose loss gradient was accumulated into the network's ``.grad``; take the optimiser
-        step when ``update_every`` have been (returns whether it did)."""
+        step when ``update_every`` have been (returns whether it did; ``step=False``: the caller takes it)."""
         self._observed += 1
         if self._observed < self.update_every:
             return False
-        self.optimizer.step()
+        if step:
+            self.optimizer.step()
         self._observed = 0
         return True
+
+    def _save_to_state_dict(self, *args, **kwargs) -> None:
+        self.wait_for_updates()  # the network (saved after this) and the optimiser state must be final
+        super()._save_to_state_dict(*args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self.wait_for_updates()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def wait_for_updates(self) -> None:
+        """Order the current CUDA stream after gradient and optimiser work still running on another stream
+        (a captured loop's, :mod:`blockcopy_core.captured_loop`), before the weights are read or written."""
+        if self.updates_in_flight is not None:
+            self.updates_in_flight()
 
     def reset(self) -> None:
         """New clip: drop a selection awaiting feedback; keep weights, optimiser, M and accumulated gradients."""
