@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -231,6 +232,7 @@ class BlockSparseModel(nn.Module):
         self.time_overhead = False
         self._timer = OverheadTimer()
         self._graphs = BucketGraphs()
+        self._spare: _Clip | None = None  # the last clip's buffers, graphs and programs (see reset)
         self._programs: dict = {}  # (bucket, layouts) -> FrameProgram, kept across clips
         self._weights_seen = None
         self.compile_seconds: dict = {}  # bucket (executed-block count or "dense") -> seconds to compile
@@ -310,6 +312,8 @@ class BlockSparseModel(nn.Module):
         # The clip's state (layer maps, outputs, CUDA graphs) holds tensors of the old dtype and device,
         # compiled programs the old weight tensors.
         self.reset()
+        self._spare = None
+        self._graphs = BucketGraphs()
         self._programs.clear()
         return super()._apply(fn, recurse)
 
@@ -323,7 +327,17 @@ class BlockSparseModel(nn.Module):
             self._module_stack.pop()
 
     def reset(self) -> None:
-        """Start a new clip: forget all state; the next frame must execute every block."""
+        """Start a new clip: forget all state; the next frame must execute every block.
+
+        The clip's buffers (layer states, outputs, frame state), with the CUDA graphs and compiled
+        programs bound to them, are kept for the next clip: when its frames have the same layout, its
+        first frame overwrites them all in place (the dense frame program), so a new clip of that shape
+        captures and allocates nothing."""
+        if getattr(self, "_geometry", None) is not None:
+            self._spare = _Clip(self._geometry, self._input_format, self._input_layouts, self._layers,
+                                self._clip_programs, self._output_spec, self._outputs, self._graphs,
+                                self.frame_state, self.executed_grid)
+            self._graphs = BucketGraphs()
         self._geometry: FrameGeometry | None = None
         self._input_format = None  # (pytree spec, strides, (dtype, device) per input) of the clip
         self._input_layouts: list = []  # (shape, stride, dtype, device) of each input tensor of the clip
@@ -331,7 +345,6 @@ class BlockSparseModel(nn.Module):
         self._clip_programs: dict = {}  # bucket -> its compiled program bound to this clip's state
         self._output_spec = None
         self._outputs: list[torch.Tensor] = []
-        self._graphs.clear()
         self.frame_state: torch.Tensor | None = None  # (N, C, H, W): each block's pixels at its last execution
         self.executed_grid: torch.Tensor | None = None  # (N, 1, Gh, Gw) bool: the blocks the last frame ran
         self.last_stats: FrameStats | None = None
@@ -535,10 +548,11 @@ class BlockSparseModel(nn.Module):
         return pytree.tree_unflatten([wrap(t, SPATIAL) for t in tensors], self._input_format[0])
 
     def _start_clip(self, inputs: list[torch.Tensor], geometry: FrameGeometry, input_format):
-        """The first frame: run densely, recording every spatial op's state and the output structure."""
+        """The first frame: run densely, recording every spatial op's state and the output structure (or,
+        for frames laid out as the last clip's, refreshing that clip's buffers in place)."""
+        spare, self._spare = self._spare, None
         self.reset()
-        self._input_format = input_format
-        self._input_layouts = [_layout(t) for t in inputs]
+        layouts = [_layout(t) for t in inputs]
         _check_eval_mode(self._wrapped)
         if self.compile:
             # compiled programs read the weight tensors they were traced with: after a weight was
@@ -548,6 +562,13 @@ class BlockSparseModel(nn.Module):
             if weights != self._weights_seen:
                 self._programs.clear()
                 self._weights_seen = weights
+                spare = None  # its bound programs are stale
+        if spare is not None and (spare.geometry, spare.input_format, spare.input_layouts) == (
+                geometry, input_format, layouts):
+            return self._resume_clip(spare, inputs)
+        del spare  # free its buffers and graphs before this clip allocates its own
+        self._input_format = input_format
+        self._input_layouts = layouts
         self._module_labels = {id(module): f"{name} ({type(module).__name__})"
                                for name, module in self._wrapped.named_modules() if name}
         executor = _FrameExecutor(self, geometry, None, recording=True)
@@ -562,6 +583,21 @@ class BlockSparseModel(nn.Module):
         self._geometry = geometry
         total = geometry.batch * geometry.blocks_per_frame
         self.last_stats = FrameStats(total, total, executor.macs, self._overhead())
+        return self._current_outputs()
+
+    def _resume_clip(self, spare: "_Clip", inputs: list[torch.Tensor]):
+        """A clip's first frame on the last clip's buffers: the dense frame body, through its CUDA graph
+        or compiled program like any frame, overwrites every state."""
+        (self._geometry, self._input_format, self._input_layouts, self._layers, self._clip_programs,
+         self._output_spec, self._outputs, self._graphs, self.frame_state, self.executed_grid) = spare
+        body = self._compiled("dense", self._refresh_dense, inputs) if self.compile else self._refresh_dense
+        if self.cuda_graphs and inputs[0].is_cuda:
+            self._graphs.stage(*inputs)
+            macs = self._graphs.run("dense", body, len(inputs))
+        else:
+            macs = body(*inputs)
+        total = self._geometry.batch * self._geometry.blocks_per_frame
+        self.last_stats = FrameStats(total, total, macs, self._overhead())
         return self._current_outputs()
 
     # The two frame bodies below may be captured in CUDA graphs: everything they leave behind must be
@@ -671,6 +707,21 @@ def _progress(items: list, description: str):
     except ImportError:
         return items
     return tqdm(items, desc=description, unit="bucket", disable=len(items) < 2)
+
+
+class _Clip(NamedTuple):
+    """A clip's buffers and what is bound to them, kept by :meth:`BlockSparseModel.reset` for the next."""
+
+    geometry: FrameGeometry
+    input_format: tuple
+    input_layouts: list
+    layers: list[LayerState]
+    clip_programs: dict
+    output_spec: Any
+    outputs: list[torch.Tensor]
+    graphs: BucketGraphs
+    frame_state: torch.Tensor | None
+    executed_grid: torch.Tensor
 
 
 def _layout(t: torch.Tensor) -> tuple:

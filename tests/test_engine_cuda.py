@@ -66,6 +66,28 @@ def test_buckets_round_up_to_sixteenths_and_replay_graphs():
     assert len(sparse._graphs) == 4  # buckets 4, 8, 20 and the dense path (64)
 
 
+def test_a_new_clip_replays_the_last_clips_graphs():
+    """After reset() a clip of the same layout runs on the last clip's buffers: its first frame replays
+    the dense graph, its buckets replay theirs (no capture), and it equals a fresh engine."""
+    factory, block, height, width = ARCHITECTURES["resnet_fpn"]
+    model = factory().cuda()
+    sparse, fresh = bc.convert(model, block), bc.convert(model, block)
+    full = torch.ones(N, 1, height // block, width // block, dtype=torch.bool, device="cuda")
+    half = full.clone()
+    half.view(-1)[::2] = False
+    grids = [full, full.clone(), half]
+    for x in torch.randn(3, N, 3, height, width, device="cuda"):
+        for grid in grids:  # the dense graph and one bucket's
+            sparse(x, grid)
+        sparse.reset()
+    graphs = sparse._graphs
+    captured = len(graphs)
+    assert captured == 2
+    for x, grid in zip(torch.randn(3, N, 3, height, width, device="cuda"), grids):
+        assert rel_error(sparse(x, grid), fresh(x, grid)) <= TOLERANCE[torch.float32]
+    assert sparse._graphs is graphs and len(graphs) == captured
+
+
 def test_non_executed_blocks_keep_outputs_exactly_on_gpu():
     factory, block, height, width = ARCHITECTURES["mobilenet_v3_like"]
     model = factory().cuda().half()

@@ -122,6 +122,31 @@ def test_matches_dense_emulation_on_a_changing_video(arch):
         assert rel_error(sparse(x, grid), oracle(x, grid)) <= RTOL
 
 
+def test_a_new_clip_reuses_the_last_clips_buffers_and_equals_a_fresh_engine(arch):
+    """reset() keeps the clip's buffers (and, on a GPU, the graphs bound to them) for a next clip of the
+    same layout, whose first frame overwrites every state: nothing of the old clip may leak into it."""
+    sparse, fresh = arch.convert(), arch.convert()
+    sparse(arch.frames(), arch.full_grid())
+    for _ in range(2):
+        sparse(arch.frames(), arch.random_grid())
+    states = [layer.dense for layer in sparse.layer_states]
+    sparse.reset()
+    clip = arch.frames(3)
+    grids = [arch.full_grid(), arch.random_grid(), arch.random_grid()]
+    for x, grid in zip(clip, grids):
+        out, expected = sparse(x, grid), fresh(x, grid)
+        assert rel_error(out, expected) <= RTOL
+        assert torch.equal(sparse.executed_grid, fresh.executed_grid)
+        assert sparse.last_stats.macs == fresh.last_stats.macs
+    assert all(layer.dense is state for layer, state in zip(sparse.layer_states, states))
+    assert torch.equal(sparse.frame_state, fresh.frame_state)
+    sparse.reset()  # a clip of another size gets buffers of its own
+    bigger = torch.randn(N, 3, arch.height + arch.block, arch.width)
+    full = torch.ones(N, 1, bigger.shape[-2] // arch.block, arch.width // arch.block, dtype=torch.bool)
+    assert rel_error(sparse(bigger, full), arch.model(bigger)) <= RTOL
+    assert sparse.layer_states[0].dense is not states[0]
+
+
 def test_weights_are_shared_not_copied(arch):
     model = arch.model
     sparse = arch.convert()
