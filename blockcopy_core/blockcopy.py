@@ -27,7 +27,8 @@ from .adapters import OutputAdapter, ig_pool_size
 from .config import BlockCopyConfig
 from .engine import BlockSparseModel, FrameStats, convert
 from .errors import ConfigError, InvalidInputError, ProtocolError
-from .captured_loop import CapturedLoop, clone_tensors, loop_key
+from .captured_loop import CapturedLoop, loop_key
+from .graphs import clone_tensors
 from .information_gain import pool_to_blocks
 from .macs import count_macs
 from .policy import BlockPolicy, PolicyObservation, ReinforcePolicy, policy_from_config
@@ -406,11 +407,6 @@ class BlockCopy(nn.Module):
                           policy_stats, seconds)
         self._statistics.add(step)
         return step
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        if self._loop is not None:
-            self._loop.drain()  # the policy's weights are about to be overwritten in place
-        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         if getattr(self, "_loop", None) is not None:

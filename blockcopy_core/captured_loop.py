@@ -48,6 +48,7 @@ import torch.utils._pytree as pytree
 
 from .adapters import fixed_shapes
 from .compiled import compile_function
+from .graphs import clone_tensors, copy_into, graphed
 from .policy import PolicyObservation
 from .policy.reinforce import FRAME_STATISTICS
 
@@ -57,48 +58,15 @@ if TYPE_CHECKING:
 SLOTS = 2
 
 
-def clone_tensors(tree: Any) -> Any:
-    """``tree`` with each tensor cloned."""
-    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
-
-
-def _copy_into(destination: Any, source: Any) -> None:
-    """Copy the tensors of ``source`` into those of ``destination`` (same structure and shapes)."""
-    targets, spec = pytree.tree_flatten(destination)
-    values, source_spec = pytree.tree_flatten(source)
-    if source_spec != spec or any(t.shape != v.shape for t, v in zip(targets, values)):
-        raise ValueError("the captured loop's buffers and this frame's values differ in structure or shape")
-    for target, value in zip(targets, values):
-        if target is not value:
-            target.copy_(value)
-
-
 def captured_function(fn: Callable[[Any], Any], example: Any) -> Callable[[Any], Any]:
     """``fn`` (one pytree of tensors in, one out; fixed shapes, no host reads with the adapters'
     :func:`~blockcopy_core.adapters.fixed_shapes`) compiled by inductor and, on CUDA, replayed as a CUDA
-    graph over a static copy of its argument: the returned callable copies its argument in, replays, and
-    returns copies of the outputs. Built on ``example``; later arguments must have its structure and shapes."""
+    graph (:func:`~blockcopy_core.graphs.graphed`: arguments copied in, copies of the outputs returned).
+    Built on ``example``; later arguments must have its structure and shapes."""
     with fixed_shapes():
         compiled = compile_function(fn, example)
     leaves = pytree.tree_leaves(example)
-    if not (leaves and leaves[0].is_cuda):
-        return compiled
-    static = clone_tensors(example)
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    side.wait_stream(main)
-    with torch.cuda.stream(side):  # lazy initialisations outside capture
-        compiled(static)
-    main.wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = compiled(static)
-
-    def replay(value: Any) -> Any:
-        _copy_into(static, value)
-        graph.replay()
-        return clone_tensors(outputs)
-
-    return replay
+    return graphed(compiled, example) if leaves and leaves[0].is_cuda else compiled
 
 
 def loop_key(blockcopy: "BlockCopy", frames: torch.Tensor, outputs: Any) -> tuple:
@@ -227,7 +195,7 @@ class CapturedLoop:
         statistics = policy.frame_statistics(slot.actions, self.block_ig, slot.loss, rewards, cost_average, slot.probs)
         slot.statistics = torch.stack([statistics[name].float() for name in FRAME_STATISTICS])
         self.cost_average.copy_(cost_average)
-        _copy_into(self.prev_result, self.result)
+        copy_into(self.prev_result, self.result)
         self.prev_masks.copy_(self.masks)
         self.prev_grid.copy_(slot.grid)
 
@@ -247,6 +215,11 @@ class CapturedLoop:
         """The optimiser's state tensors (what ``step`` reads and writes besides weights and gradients)."""
         state = self.owner.policy.optimizer.state
         return [value for param in self.params for value in state[param].values() if isinstance(value, torch.Tensor)]
+
+    def _step_state_is_current(self) -> bool:
+        """Whether the optimiser's state tensors are still those the step graph was captured on."""
+        state = self._optimizer_state()
+        return len(state) == len(self.step_state) and all(a is b for a, b in zip(state, self.step_state))
 
     def _make_step_capturable(self) -> None:
         """``capturable=True`` in every parameter group and the state (step counts too) on the GPU."""
@@ -348,14 +321,14 @@ class CapturedLoop:
             if static is not value:
                 static.copy_(value)
         if prev_result is not self.prev_result:
-            _copy_into(self.prev_result, prev_result)
+            copy_into(self.prev_result, prev_result)
         self.slot.graphs["select"].replay()
         return self.slot.grid
 
     def postprocess(self, outputs: Any) -> Any:
         """Replay decoding and O_t painting of ``outputs`` (the engine's ``output_state``); returns the result
         (static tensors)."""
-        _copy_into(self.outputs, outputs)
+        copy_into(self.outputs, outputs)
         self.graphs["postprocess"].replay()
         return self.result
 
@@ -388,9 +361,7 @@ class CapturedLoop:
                     elif not starts:
                         grad.copy_(param.grad)
                     param.grad = grad
-        state = self._optimizer_state()
-        replaced = len(state) != len(self.step_state) or any(a is not b for a, b in zip(state, self.step_state))
-        if completes and replaced:
+        if completes and not self._step_state_is_current():
             # the optimiser's state was replaced (load_state_dict): the step graph read the old tensors
             self.drain()
             self._capture_step()

@@ -52,9 +52,7 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
 
     The trace runs ``body`` on copies of ``inputs`` and ``state``, so the clip is left untouched.
     """
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     started = time.perf_counter()
     count = len(inputs)
@@ -69,13 +67,8 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
             activation.trace_with(None)
             bind_state(previous)
 
-    examples = [t.clone() for t in list(inputs) + list(state)]
-    with torch.no_grad(), tiles.reference_moves(), _one_trace:
-        graph = make_fx(program, tracing_mode="real")(*examples)
-        # freezing needs the parameter bookkeeping of torch.compile's front end, which a traced graph
-        # does not have (its weights are graph constants)
-        with inductor_config.patch(freezing=False):
-            compiled = compile_fx(graph, examples)
+    with _one_trace, tiles.reference_moves():
+        compiled = _trace_and_compile(program, [t.clone() for t in list(inputs) + list(state)])
     if inputs and inputs[0].is_cuda:
         torch.cuda.synchronize(inputs[0].device)
     return FrameProgram(compiled, int(macs[-1]), time.perf_counter() - started)
@@ -86,10 +79,6 @@ def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
     (pytrees whose tensors have the examples' shapes, and equal non-tensor leaves) and returning what
     ``fn`` returns. ``fn`` must read nothing on the host and run under ``torch.no_grad`` (its tensors are
     traced as graph inputs, its control flow is fixed by the examples)."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     leaves, in_spec = pytree.tree_flatten(args)
     tensor_at = [isinstance(leaf, torch.Tensor) for leaf in leaves]
     constants = [None if is_tensor else leaf for leaf, is_tensor in zip(leaves, tensor_at)]
@@ -102,11 +91,7 @@ def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
         out_specs.append(out_spec)
         return outputs
 
-    examples = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    with torch.no_grad(), _one_trace:
-        graph = make_fx(flat, tracing_mode="real")(*examples)
-        with inductor_config.patch(freezing=False):
-            compiled = compile_fx(graph, examples)
+    compiled = _trace_and_compile(flat, [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)])
     out_spec = out_specs[-1]
 
     def run(*call_args):
@@ -120,4 +105,20 @@ def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
     return run
 
 
-_one_trace = threading.Lock()  # tracing swaps module-level switches (reference tile moves, the tracer)
+def _trace_and_compile(fn: Callable[..., Any], examples: list[torch.Tensor]) -> Callable[..., Any]:
+    """``fn(*examples)`` traced by ``make_fx`` into a graph of aten ops and compiled by inductor."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    with torch.no_grad(), _one_trace:
+        graph = make_fx(fn, tracing_mode="real")(*examples)
+        # freezing needs the parameter bookkeeping of torch.compile's front end, which a traced graph
+        # does not have (its weights are graph constants)
+        with inductor_config.patch(freezing=False):
+            return compile_fx(graph, examples)
+
+
+# tracing swaps module-level switches (reference tile moves, the tracer); reentrant, since a frame's
+# trace holds it around the reference moves and the trace itself
+_one_trace = threading.RLock()

@@ -313,7 +313,6 @@ class BlockSparseModel(nn.Module):
         # compiled programs the old weight tensors.
         self.reset()
         self._spare = None
-        self._graphs = BucketGraphs()
         self._programs.clear()
         return super()._apply(fn, recurse)
 
@@ -422,11 +421,16 @@ class BlockSparseModel(nn.Module):
             return self._current_outputs()
         key, body = self._frame_body(executed, total, bucketed)
         args = inputs if key == "dense" else (*inputs, grid, noise) if bucketed else (*inputs, grid)
-        if self.compile:
-            body = self._compiled(key, body, args)
-        macs = self._graphs.run(key, body, len(args)) if graphed else body(*args)
+        macs = self._run_body(key, body, args, graphed)
         self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected)
         return self._current_outputs()
+
+    def _run_body(self, key, body, args, graphed: bool) -> int:
+        """Run a frame body (compiled when ``compile``; through its CUDA graph when ``graphed``, on the
+        inputs staged before); returns its MACs."""
+        if self.compile:
+            body = self._compiled(key, body, args)
+        return self._graphs.run(key, body, len(args)) if graphed else body(*args)
 
     def _frame_body(self, executed: int, total: int, bucketed: bool):
         """(bucket key, body) of a frame executing ``executed`` of ``total`` blocks. The body returns its
@@ -590,12 +594,10 @@ class BlockSparseModel(nn.Module):
         or compiled program like any frame, overwrites every state."""
         (self._geometry, self._input_format, self._input_layouts, self._layers, self._clip_programs,
          self._output_spec, self._outputs, self._graphs, self.frame_state, self.executed_grid) = spare
-        body = self._compiled("dense", self._refresh_dense, inputs) if self.compile else self._refresh_dense
-        if self.cuda_graphs and inputs[0].is_cuda:
+        graphed = self.cuda_graphs and inputs[0].is_cuda
+        if graphed:
             self._graphs.stage(*inputs)
-            macs = self._graphs.run("dense", body, len(inputs))
-        else:
-            macs = body(*inputs)
+        macs = self._run_body("dense", self._refresh_dense, inputs, graphed)
         total = self._geometry.batch * self._geometry.blocks_per_frame
         self.last_stats = FrameStats(total, total, macs, self._overhead())
         return self._current_outputs()

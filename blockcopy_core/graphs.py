@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import gc
 import warnings
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
+import torch.utils._pytree as pytree
 
 Body = Callable[..., int]
 _WARMUP_RUNS = 3  # eager runs before a capture (lazy initialisation, cuDNN heuristics), as torch advises
@@ -101,38 +102,49 @@ def _capture(body: Callable, inputs: list[torch.Tensor], pool=None) -> tuple[tor
     return graph, result
 
 
-def graphed(fn: Callable[[torch.Tensor], object], example: torch.Tensor) -> Callable[[torch.Tensor], object]:
-    """``fn`` captured once as a CUDA graph for inputs shaped like ``example`` (a CUDA tensor).
+def graphed(fn: Callable[[Any], object], example: Any) -> Callable[[Any], object]:
+    """``fn`` captured once as a CUDA graph for arguments shaped like ``example`` (a CUDA tensor, or a pytree
+    of them: lists, tuples, dicts).
 
-    Returns ``call(x)``: copies ``x`` into the graph's input buffer, replays, and returns a copy of
-    ``fn``'s output (a tensor or any nesting of tuples, lists and dicts of tensors). Use it for a dense
-    reference with the launch overhead removed, as the engine's buckets have it.
+    Returns ``call(x)``: copies ``x`` into the graph's input buffers, replays, and returns a copy of
+    ``fn``'s output (a tensor or any pytree of tensors). Use it for a dense reference with the launch
+    overhead removed, as the engine's buckets have it.
     """
-    if not example.is_cuda:
-        raise ValueError(f"graphed needs a CUDA example input, got one on {example.device}")
-    static_in = example.clone()
+    leaves = pytree.tree_leaves(example)
+    if not leaves or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in leaves):
+        raise ValueError(f"graphed needs a CUDA example input (a tensor or a pytree of them), got {_describe(example)}")
+    static_in = clone_tensors(example)
     _warm_up(fn, [static_in])
     graph, static_out = _capture(fn, [static_in])
 
-    def call(x: torch.Tensor):
-        if x.shape != static_in.shape or x.dtype != static_in.dtype or x.device != static_in.device:
-            raise ValueError(f"the graph was captured for {tuple(static_in.shape)} {static_in.dtype} on "
-                             f"{static_in.device}, got {tuple(x.shape)} {x.dtype} on {x.device}")
-        static_in.copy_(x)
+    def call(x):
+        if _describe(x) != _describe(static_in):
+            raise ValueError(f"the graph was captured for {_describe(static_in)}, got {_describe(x)}")
+        copy_into(static_in, x)
         graph.replay()
-        return _copy(static_out)
+        return clone_tensors(static_out)
 
     return call
 
 
-def _copy(outputs):
-    """A copy of a tensor, or of the tensors in a nesting of tuples, lists and dicts."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs.clone()
-    if isinstance(outputs, dict):
-        return {key: _copy(value) for key, value in outputs.items()}
-    if isinstance(outputs, tuple) and hasattr(outputs, "_fields"):  # a namedtuple
-        return type(outputs)(*(_copy(value) for value in outputs))
-    if isinstance(outputs, (tuple, list)):
-        return type(outputs)(_copy(value) for value in outputs)
-    return outputs
+def _describe(tree: Any) -> str:
+    """Shapes, dtypes and devices of the tensors of ``tree``, in its structure."""
+    return str(pytree.tree_map(lambda t: f"{tuple(t.shape)} {t.dtype} on {t.device}"
+                               if isinstance(t, torch.Tensor) else t, tree))
+
+
+def clone_tensors(tree: Any) -> Any:
+    """``tree`` with each tensor cloned."""
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def copy_into(destination: Any, source: Any) -> None:
+    """Copy the tensors of ``source`` into those of ``destination`` (same structure and shapes), skipping
+    tensors that are already the destination's."""
+    targets, spec = pytree.tree_flatten(destination)
+    values, source_spec = pytree.tree_flatten(source)
+    if source_spec != spec or any(t.shape != v.shape for t, v in zip(targets, values)):
+        raise ValueError("static buffers and the values to copy into them differ in structure or shape")
+    for target, value in zip(targets, values):
+        if target is not value:
+            target.copy_(value)

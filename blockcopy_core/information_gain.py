@@ -260,8 +260,7 @@ def padded_box_information_gain(
     if prev_valid is not None:
         prev_scores = torch.where(prev_valid, prev_scores, 0.0)
         iou = iou * prev_valid[:, None, :]
-    if labels is not None:
-        iou = iou * (labels[:, :, None] == prev_labels[:, None, :])
+    iou = _restrict_pairs(iou, labels, prev_labels)
     values, prev_values = _matched_values(iou, scores, prev_scores)
     all_boxes, all_values = torch.cat([boxes, prev_boxes], dim=1), torch.cat([values, prev_values], dim=1)
     if block_size is None:
@@ -430,10 +429,10 @@ def _mask_iou(masks: torch.Tensor, prev_masks: torch.Tensor) -> torch.Tensor:
 
 def _restrict_pairs(iou: torch.Tensor, labels: torch.Tensor | None,
                     prev_labels: torch.Tensor | None) -> torch.Tensor:
-    """Zero the (K, P) IoU of pairs of different classes when labels are given."""
+    """Zero the (..., K, P) IoU of pairs of different classes when (..., K) and (..., P) labels are given."""
     if labels is None:
         return iou
-    return iou * (labels[:, None] == prev_labels[None, :])
+    return iou * (labels[..., :, None] == prev_labels[..., None, :])
 
 
 def _binarise(masks: torch.Tensor) -> torch.Tensor:

@@ -22,10 +22,10 @@ from torch.utils._pytree import tree_leaves
 from tqdm import tqdm
 
 from .adapters import OutputAdapter
-from .captured_loop import captured_function, clone_tensors
+from .captured_loop import captured_function
 from .blockcopy import RunStatistics, StepResult
 from .engine import FrameStats
-from .graphs import graphed
+from .graphs import clone_tensors, graphed
 from .macs import count_macs
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]

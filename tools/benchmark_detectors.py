@@ -43,6 +43,7 @@ from mmdet.utils import register_all_modules  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 
 import blockcopy_mmdet  # noqa: E402,F401  (registers the models)
+from blockcopy_core.protocol import compile_dense  # noqa: E402
 from blockcopy_mmdet.detector import predict_from_trunk, trunk_of  # noqa: E402
 
 CONFIGS = {"csp": ROOT / "configs/_base_/models/csp_r50.py", "mgan": ROOT / "configs/_base_/models/mgan_vgg16.py"}
@@ -93,11 +94,6 @@ def time_steps(step, count: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def compiled(module: torch.nn.Module):
-    torch._inductor.config.freezing = True
-    return torch.compile(module, mode="reduce-overhead")
-
-
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
             warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool) -> list[dict]:
@@ -118,7 +114,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     trunk = trunk_of(plain)
     eager_ms = time_steps(dense_step(trunk), frames, warmup)
     started = time.perf_counter()
-    fast = compiled(trunk)
+    fast = compile_dense(trunk, video[0])  # checked against the eager trunk
     dense_step(fast)(0)
     compile_s = time.perf_counter() - started
     compiled_ms = time_steps(dense_step(fast), frames, warmup)
