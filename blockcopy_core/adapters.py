@@ -157,6 +157,18 @@ class OutputAdapter(ABC):
     host synchronisation and give fixed shapes for fixed-shape model outputs, so that BlockCopy can
     capture them in CUDA graphs (``capture_loop``)."""
 
+    @property
+    def fixes_results(self) -> bool:
+        """Whether :meth:`fixed_result` gives every result of a clip the same shapes, so that BlockCopy can
+        capture ``output_masks`` and ``block_information_gain`` of results a framework decoded itself
+        (``capture_loop`` with :meth:`BlockCopy.select`/:meth:`BlockCopy.observe`)."""
+        return self.capturable
+
+    def fixed_result(self, result: Any, frame_size: FrameSize) -> Any:
+        """``result`` in the fixed shapes of :attr:`fixes_results`, with the same O_t and IG (the result
+        itself where decoding already has fixed shapes)."""
+        return result
+
     def policy_frame(self, frames: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) model input -> (N, 3, H, W) RGB in [0, 1] for the policy."""
         return self.input_format.to_rgb(frames)
@@ -247,23 +259,53 @@ class DetectionAdapter(OutputAdapter):
         class_aware: match current to previous detections only within a class (the paper matches
             regardless of class, which is the same for a single class).
         input_format: how the model's input frames encode RGB.
+        max_detections: the most detections a stream's result holds (a detector's ``max_per_img``), or
+            None for no bound. With a bound, :meth:`fixed_result` pads every result to it, so that a
+            framework's own decoding can feed BlockCopy's captured loop; a result with more detections
+            keeps its ``max_detections`` highest-scoring ones for IG and O_t.
     """
 
     def __init__(self, classes: Sequence[int], score_threshold: float = 0.3, stride: int = 4,
-                 class_aware: bool = True, input_format: InputFormat = InputFormat()) -> None:
+                 class_aware: bool = True, input_format: InputFormat = InputFormat(),
+                 max_detections: int | None = None) -> None:
         if not classes:
             raise ValueError("classes must list at least one class label")
         if len(set(classes)) != len(classes) or min(classes) < 0:
             raise ValueError(f"classes must be distinct non-negative labels, got {tuple(classes)}")
         if stride < 1:
             raise ValueError(f"stride must be a positive integer, got {stride}")
+        if max_detections is not None and max_detections < 1:
+            raise ValueError(f"max_detections must be a positive integer or None, got {max_detections}")
         self.classes = tuple(int(c) for c in classes)
         self.score_threshold = float(score_threshold)
         self.stride = stride
         self.class_aware = class_aware
         self.input_format = input_format
         self.output_channels = len(self.classes)
+        self.max_detections = max_detections
         self._class_ids = _DeviceConstants(self.classes)
+
+    @property
+    def fixes_results(self) -> bool:
+        return self.capturable or self.max_detections is not None
+
+    def fixed_result(self, result: Detections, frame_size: FrameSize) -> Detections:
+        """Each stream's boxes, scores and labels padded to ``max_detections`` rows (score 0, label -1: never
+        relevant), the highest-scoring ones where a stream has more. No host read: the counts are shapes."""
+        if self.max_detections is None:
+            return result
+        count = self.max_detections
+        fixed = []
+        for dets in result:
+            boxes, scores, labels = dets["boxes"], dets["scores"], dets["labels"]
+            if scores.shape[0] > count:
+                top = scores.topk(count).indices
+                boxes, scores, labels = boxes[top], scores[top], labels[top]
+            missing = count - scores.shape[0]
+            fixed.append({"boxes": F.pad(boxes.float(), (0, 0, 0, missing)),
+                          "scores": F.pad(scores.float(), (0, missing)),
+                          "labels": F.pad(labels.long(), (0, missing), value=-1)})
+        return fixed
 
     @abstractmethod
     def detect(self, outputs: Any, frame_size: FrameSize) -> Detections:
@@ -370,8 +412,7 @@ class CenterNetAdapter(DetectionAdapter):
             raise ValueError(f"CenterNet has classes 0..{NUM_CLASSES - 1}")
         if decode_classes is not None and not set(classes) <= set(decode_classes):
             raise ValueError(f"decode_classes {tuple(decode_classes)} must include classes {tuple(classes)}")
-        super().__init__(classes, score_threshold, OUTPUT_STRIDE, class_aware, InputFormat())
-        self.max_detections = max_detections
+        super().__init__(classes, score_threshold, OUTPUT_STRIDE, class_aware, InputFormat(), max_detections)
         self.decode_classes = None if decode_classes is None else tuple(int(c) for c in decode_classes)
         self._decode_channels = _DeviceConstants(self.decode_classes or ())
 

@@ -195,6 +195,8 @@ class _Selection:
     seconds: dict[str, float]
     engine_stats: FrameStats | None
     selected_at: float
+    frames: torch.Tensor
+    captured: bool = False  # chosen by the captured loop's graphs: observe replays the rest of them
 
 
 class BlockCopy(nn.Module):
@@ -234,22 +236,20 @@ class BlockCopy(nn.Module):
             engine's own work apart from the task network where the frame runs eagerly (see
             :data:`STAGES`). Costs a little throughput on a GPU; without it ``sparse_overhead`` is not
             reported.
-        capture_loop: on CUDA, run :meth:`step`'s policy, decoding, information gain and update as CUDA
-            graphs (:mod:`blockcopy_core.captured_loop`), captured after the first frame of a clip shape:
-            no host synchronisation besides the engine's block count. Needs the ``rl`` policy (a
-            :class:`ReinforcePolicy`) and an adapter whose decoding has fixed shapes
-            (``adapter.capturable``). ``StepResult.ig_map`` is then None (the block IG is computed from
-            the boxes directly). Ignored on the CPU and by :meth:`select`/:meth:`observe`.
-        compile_loop: with ``capture_loop``, compile the loop's stages before capturing them: the policy
-            network's passes with ``torch.compile``, decoding, O_t and the block IG with inductor
-            (fewer, fused kernels; some seconds of compilation when a clip shape is first seen).
-        **overrides: fields of :class:`BlockCopyConfig` (``block_size=64``, ``target=0.5``, ...).
+        **overrides: fields of :class:`BlockCopyConfig` (``block_size=64``, ``target=0.5``, ...). With
+            ``capture_loop`` (CUDA only), the policy, O_t, information gain and update replay as CUDA graphs
+            (:mod:`blockcopy_core.captured_loop`), captured after the first frame of a clip shape: no host
+            synchronisation besides the engine's block count; :meth:`step` also decodes in the graphs
+            (``adapter.capturable``), while with :meth:`select`/:meth:`observe` the caller's result is
+            first padded to fixed shapes (``adapter.fixed_result``; the policy then sees that result on
+            every frame, also eager ones). It needs the ``rl`` policy (a :class:`ReinforcePolicy`) and an
+            adapter with ``fixes_results``; ``StepResult.ig_map`` is then None (the block IG is computed
+            from the boxes directly). ``compile_loop`` compiles those stages before capturing them.
     """
 
     def __init__(self, model: nn.Module, adapter: OutputAdapter, config: BlockCopyConfig | None = None, *,
                  policy: str | BlockPolicy | None = None, policy_options: dict[str, Any] | None = None,
-                 sync_timing: bool = True, capture_loop: bool = False, compile_loop: bool = False,
-                 **overrides: Any) -> None:
+                 sync_timing: bool = True, **overrides: Any) -> None:
         super().__init__()
         if not isinstance(adapter, OutputAdapter):
             raise TypeError(f"BlockCopy needs an adapter (an OutputAdapter such as CenterNetAdapter) to turn "
@@ -282,15 +282,11 @@ class BlockCopy(nn.Module):
             self.policy.to(parameter.device)
         self.online_learning = config.online_learning
         self.sync_timing = sync_timing
-        if capture_loop and not (isinstance(policy, ReinforcePolicy) and adapter.capturable):
+        if config.capture_loop and not (isinstance(policy, ReinforcePolicy) and adapter.fixes_results):
             what = (f"the policy {type(policy).__name__} is not the 'rl' ReinforcePolicy"
                     if not isinstance(policy, ReinforcePolicy) else
-                    f"{type(adapter).__name__}'s decoding does not have fixed shapes (adapter.capturable is False)")
+                    f"{type(adapter).__name__}'s results do not have fixed shapes (adapter.fixes_results is False)")
             raise ConfigError("capture_loop", True, f"False here: {what}")
-        if compile_loop and not capture_loop:
-            raise ConfigError("compile_loop", True, "False without capture_loop=True (it compiles the captured stages)")
-        self.capture_loop = capture_loop
-        self.compile_loop = compile_loop
         self._loop: CapturedLoop | None = None
         sparse.time_overhead = sync_timing
         self._policy_macs: dict[tuple, int] = {}
@@ -364,19 +360,23 @@ class BlockCopy(nn.Module):
         Returns:
             The frame's :class:`StepResult`.
         """
-        loop = self._loop
-        if loop is not None and self._prev_result is not None and self._selection is None \
-                and loop.matches(frames, self.policy.training):
-            return self._step_captured(loop, frames)
+        if self._replays_loop(frames, decodes=True):
+            return self._step_captured(self._loop, frames)
         grid = self.select(frames)
         seconds: dict[str, float] = {}
         outputs = self._run_network(frames, grid, seconds)
         with self._timed("postprocess", seconds, frames.device):
             result = self.adapter.decode(outputs, self._selection.frame_size)
-        step = self.observe(result, outputs=outputs, seconds=seconds)
-        if self.capture_loop and frames.is_cuda and (loop is None or loop.key != loop_key(self, frames, outputs)):
-            self._loop = CapturedLoop(self, frames, outputs, result, self._prev_masks, compile=self.compile_loop)
-        return step
+        return self._observe(result, outputs, None, seconds, decoded_by_loop=self.adapter.capturable)
+
+    def _replays_loop(self, frames: torch.Tensor, decodes: bool) -> bool:
+        """Whether this frame's policy runs in the captured loop (one that decodes, or one fed results)."""
+        loop = self._loop
+        return (loop is not None and loop.decodes == decodes and self._prev_result is not None
+                and self._selection is None and loop.matches(frames, self.policy.training))
+
+    def _captures_loop(self, device: torch.device) -> bool:
+        return self.config.capture_loop and device.type == "cuda"
 
     def _run_network(self, frames: torch.Tensor, grid: torch.Tensor, seconds: dict[str, float]) -> Any:
         """The block-sparse model on ``grid``, timed as ``network`` and ``sparse_overhead``."""
@@ -428,6 +428,14 @@ class BlockCopy(nn.Module):
             ProtocolError: when the previous ``select`` has not been answered by ``observe``.
             InvalidInputError: frames of the wrong shape or channel count.
         """
+        if self._replays_loop(frames, decodes=False):
+            loop, seconds = self._loop, {}
+            with self._timed("policy", seconds, frames.device):
+                grid = loop.select(frames, self._sparse.frame_state, self._prev_masks, self._prev_grid,
+                                   self._prev_result).clone()
+            self._selection = _Selection(grid, False, (frames.shape[-2], frames.shape[-1]), loop.policy_macs, seconds,
+                                         self._sparse.last_stats, time.perf_counter(), frames, captured=True)
+            return grid
         if self._loop is not None:
             self._loop.drain()  # the eager loop touches the gradients a captured backward pass may still fill
         if self._selection is not None:
@@ -454,7 +462,7 @@ class BlockCopy(nn.Module):
             with self._timed("policy", seconds, frames.device):
                 grid = self.policy.select(observation)
         self._selection = _Selection(grid, full_frame, frame_size, policy_macs, seconds, self._sparse.last_stats,
-                                     time.perf_counter())
+                                     time.perf_counter(), frames)
         return grid
 
     def observe(self, result: Any, *, outputs: Any = None, frame_stats: FrameStats | None = None,
@@ -476,6 +484,12 @@ class BlockCopy(nn.Module):
         Raises:
             ProtocolError: without a preceding ``select``, or when the engine did not run since it.
         """
+        return self._observe(result, outputs, frame_stats, seconds, decoded_by_loop=False)
+
+    def _observe(self, result: Any, outputs: Any, frame_stats: FrameStats | None, seconds: dict[str, float] | None,
+                 decoded_by_loop: bool) -> StepResult:
+        """:meth:`observe`; ``decoded_by_loop``: a captured loop built after this frame decodes ``outputs``
+        itself (:meth:`step` with a capturable adapter) rather than taking results."""
         selection = self._selection
         if selection is None:
             raise ProtocolError("observe() needs a preceding select(): call grid = select(frames), run the model "
@@ -491,18 +505,46 @@ class BlockCopy(nn.Module):
             seconds = {"network": time.perf_counter() - selection.selected_at}
         seconds = {**selection.seconds, **seconds}
         frame_size = selection.frame_size
+        if selection.captured:
+            return self._observe_captured(selection, result, outputs, frame_stats, seconds)
+        capture = self._captures_loop(device)
+        # fed results, the captured loop sees them in fixed shapes: so does every frame, for the same policy inputs
+        seen = self.adapter.fixed_result(result, frame_size) if capture and not decoded_by_loop else result
         with self._timed("postprocess", seconds, device, accumulate=True):
-            masks = self.adapter.output_masks(result, frame_size)
+            masks = self.adapter.output_masks(seen, frame_size)
         ig_map = block_ig = policy_stats = None
         if not selection.full_frame:
             with self._timed("information_gain", seconds, device):
-                ig_map = self.adapter.information_gain(result, self._prev_result, frame_size)
+                ig_map = self.adapter.information_gain(seen, self._prev_result, frame_size)
                 block_ig = pool_to_blocks(ig_map, ig_pool_size(ig_map, frame_size, self.block_size))
             with self._timed("update", seconds, device):
                 policy_stats = self.policy.observe(block_ig)
-        self._prev_result, self._prev_masks, self._prev_grid = result, masks, selection.grid
+        self._prev_result, self._prev_masks, self._prev_grid = seen, masks, selection.grid
         step = StepResult(outputs, result, selection.grid, selection.full_frame, block_ig, ig_map, frame_stats,
                           selection.policy_macs, policy_stats, seconds)
+        self._statistics.add(step)
+        if capture:
+            loop_outputs = outputs if decoded_by_loop else None
+            key = loop_key(self, selection.frames, self._sparse.output_state if decoded_by_loop else seen,
+                           decoded_by_loop)
+            if self._loop is None or self._loop.key != key:
+                self._loop = CapturedLoop(self, selection.frames, loop_outputs, seen, masks,
+                                          compile=self.config.compile_loop)
+        return step
+
+    def _observe_captured(self, selection: _Selection, result: Any, outputs: Any, frame_stats: FrameStats,
+                          seconds: dict[str, float]) -> StepResult:
+        """:meth:`observe` of a frame the captured loop selected: O_t, IG and update as graph replays."""
+        loop, device = self._loop, selection.grid.device
+        with self._timed("postprocess", seconds, device, accumulate=True):
+            loop.postprocess(self.adapter.fixed_result(result, selection.frame_size))
+        with self._timed("information_gain", seconds, device):
+            block_ig = loop.information_gain().clone()
+        with self._timed("update", seconds, device):
+            policy_stats = loop.update()
+        self._prev_result, self._prev_masks, self._prev_grid = loop.prev_result, loop.prev_masks, loop.prev_grid
+        step = StepResult(outputs, result, selection.grid, False, block_ig, None, frame_stats, selection.policy_macs,
+                          policy_stats, seconds)
         self._statistics.add(step)
         return step
 

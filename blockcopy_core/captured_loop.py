@@ -7,7 +7,9 @@ Here each stage is a CUDA graph replayed every frame:
 
 * ``select``: the policy frames, the policy network (training mode: BatchNorm statistics, autograd's
   saved tensors), the Bernoulli draw (CUDA graphs draw fresh random numbers on every replay);
-* ``postprocess``: the adapter's ``decode`` and ``output_masks`` on the network's outputs;
+* ``postprocess``: the adapter's ``decode`` and ``output_masks`` on the network's outputs (with
+  :meth:`BlockCopy.select`/:meth:`BlockCopy.observe`, where the framework decodes: ``output_masks`` of its
+  result, padded to fixed shapes by the adapter's ``fixed_result``);
 * ``information_gain``: the adapter's ``block_information_gain`` against the previous frame's result;
 * ``reward``: cost average, rewards, the frame's loss and statistics; the frame's result, masks and grid
   stored as the next frame's previous ones;
@@ -69,10 +71,11 @@ def captured_function(fn: Callable[[Any], Any], example: Any) -> Callable[[Any],
     return graphed(compiled, example) if leaves and leaves[0].is_cuda else compiled
 
 
-def loop_key(blockcopy: "BlockCopy", frames: torch.Tensor, outputs: Any) -> tuple:
-    """What fixes a captured loop: frame and output layouts, and whether the policy learns."""
-    leaves, spec = pytree.tree_flatten(outputs)
-    return (tuple(frames.shape), frames.dtype, frames.device, spec,
+def loop_key(blockcopy: "BlockCopy", frames: torch.Tensor, source: Any, decodes: bool) -> tuple:
+    """What fixes a captured loop: frame layout, the layout of what its postprocessing reads (the network's
+    outputs, or the fixed result where it does not decode), and whether the policy learns."""
+    leaves, spec = pytree.tree_flatten(source)
+    return (tuple(frames.shape), frames.dtype, frames.device, decodes, spec,
             tuple((t.shape, t.dtype) for t in leaves), blockcopy.policy.training)
 
 
@@ -95,14 +98,20 @@ class CapturedLoop:
     Args:
         owner: the :class:`BlockCopy` whose policy (a :class:`ReinforcePolicy`) and adapter the graphs run.
         frames: (N, C, H, W) frames of the model's input.
-        outputs: the model's outputs for them; result, masks: their decoding and O_t.
+        outputs: the model's outputs for them (the engine's ``output_state``), to decode in the graphs; or
+            None where the caller decodes (:meth:`BlockCopy.observe`): the graphs then start from the
+            result, in the adapter's fixed shapes.
+        result, masks: the frames' result (fixed shapes) and O_t.
         compile: compile the stages before capturing them (``compile_seconds`` says how long it took).
     """
 
     def __init__(self, owner: "BlockCopy", frames: torch.Tensor, outputs: Any, result: Any,
                  masks: torch.Tensor, compile: bool = False) -> None:
         self.owner = owner
-        self.key = loop_key(owner, frames, outputs)
+        self.decodes = outputs is not None
+        # what the postprocessing graph reads: refreshed before each replay unless already this tensor
+        self.source = owner.sparse.output_state if self.decodes else clone_tensors(result)
+        self.key = loop_key(owner, frames, self.source, self.decodes)
         policy = owner.policy
         self.learn = policy.training
         self.frame_size = (frames.shape[-2], frames.shape[-1])
@@ -111,7 +120,6 @@ class CapturedLoop:
         # inputs of the graphs, refreshed before a replay where they are not already these tensors
         self.frames = frames.clone()
         self.frame_state = owner.sparse.frame_state
-        self.outputs = owner.sparse.output_state
         self.prev_result = clone_tensors(result)
         self.prev_masks = masks.clone()
         self.prev_grid = torch.ones(grid_shape, dtype=torch.bool, device=device)
@@ -135,7 +143,8 @@ class CapturedLoop:
             adapter.policy_frame(self.frames), adapter.policy_frame(self.frame_state), self.prev_masks,
             self.prev_grid))
         self.compile_seconds = 0.0
-        self._logits, self._decode, self._block_ig = self._policy_logits, self._decode_and_mask, self._block_gain
+        self._logits, self._block_ig = self._policy_logits, self._block_gain
+        self._decode = self._decode_and_mask if self.decodes else self._mask
         if compile:
             self._compile()
         self._capture()
@@ -157,6 +166,9 @@ class CapturedLoop:
         result = adapter.decode(outputs, self.frame_size)
         return result, adapter.output_masks(result, self.frame_size)
 
+    def _mask(self, result: Any) -> torch.Tensor:
+        return self.owner.adapter.output_masks(result, self.frame_size)
+
     def _block_gain(self, result: Any, prev_result: Any) -> torch.Tensor:
         return self.owner.adapter.block_information_gain(result, prev_result, self.frame_size, self.owner.block_size)
 
@@ -166,8 +178,8 @@ class CapturedLoop:
         started = time.perf_counter()
         self._logits = torch.compile(self._policy_logits, dynamic=False, options={"freezing": False})
         with fixed_shapes():
-            self._decode = compile_function(self._decode_and_mask, self.outputs)
-            result, _ = self._decode(self.outputs)
+            self._decode = compile_function(self._decode, self.source)
+            result = self._decode(self.source)[0] if self.decodes else self.source
             self._block_ig = compile_function(self._block_gain, result, self.prev_result)
         torch.cuda.synchronize(self.frames.device)
         self.compile_seconds += time.perf_counter() - started
@@ -182,7 +194,10 @@ class CapturedLoop:
         slot.grid = slot.actions.bool()
 
     def _postprocess(self) -> None:
-        self.result, self.masks = self._decode(self.outputs)
+        if self.decodes:
+            self.result, self.masks = self._decode(self.source)
+        else:
+            self.result, self.masks = self.source, self._decode(self.source)
 
     def _information_gain(self) -> None:
         self.block_ig = self._block_ig(self.result, self.prev_result)
@@ -325,10 +340,11 @@ class CapturedLoop:
         self.slot.graphs["select"].replay()
         return self.slot.grid
 
-    def postprocess(self, outputs: Any) -> Any:
-        """Replay decoding and O_t painting of ``outputs`` (the engine's ``output_state``); returns the result
-        (static tensors)."""
-        copy_into(self.outputs, outputs)
+    def postprocess(self, source: Any) -> Any:
+        """Replay decoding and O_t painting of ``source`` (the engine's ``output_state``; or, where the loop
+        does not decode, O_t painting of a result in the adapter's fixed shapes); returns the result (static
+        tensors)."""
+        copy_into(self.source, source)
         self.graphs["postprocess"].replay()
         return self.result
 

@@ -39,6 +39,11 @@ class BlockCopyConfig:
             with the tile moves; see :mod:`blockcopy_core.compiled`). Buckets compile on first use.
         warmup_clips: training clips the policy learns on before evaluation (the method's 400).
         online_learning: keep updating the policy while evaluating (the method does).
+        capture_loop: on CUDA, replay the online loop (policy, O_t, information gain, rewards, update)
+            as CUDA graphs (:mod:`blockcopy_core.captured_loop`); needs the ``rl`` policy and an adapter
+            whose results have fixed shapes (``capturable``, or padded by ``fixed_result``).
+        compile_loop: with ``capture_loop``, compile the loop's stages with inductor before capturing
+            them (fewer, fused kernels; some seconds of compilation per clip shape).
     """
 
     block_size: int = 128
@@ -55,6 +60,8 @@ class BlockCopyConfig:
     compile: bool = False
     warmup_clips: int = 400
     online_learning: bool = True
+    capture_loop: bool = False
+    compile_loop: bool = False
 
     def __post_init__(self) -> None:
         _check_int("block_size", self.block_size, minimum=1)
@@ -68,9 +75,11 @@ class BlockCopyConfig:
         _check_int("update_interval", self.update_interval, minimum=1)
         _check_int("buckets", self.buckets, minimum=1)
         _check_int("warmup_clips", self.warmup_clips, minimum=0)
-        for name in ("cuda_graphs", "dense_when_full", "compile", "online_learning"):
+        for name in ("cuda_graphs", "dense_when_full", "compile", "online_learning", "capture_loop", "compile_loop"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, getattr(self, name), "True or False")
+        if self.compile_loop and not self.capture_loop:
+            raise ConfigError("compile_loop", True, "False without capture_loop=True (it compiles the captured stages)")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "BlockCopyConfig":

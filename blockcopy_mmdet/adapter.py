@@ -25,6 +25,16 @@ def input_format(data_preprocessor: torch.nn.Module) -> InputFormat:
     return InputFormat(mean, std, "RGB" if swapped else "BGR", 255.0)
 
 
+def max_detections(detector: torch.nn.Module) -> int | None:
+    """The most detections ``detector`` returns per image: its test config's ``max_per_img`` (a two-stage
+    detector's ``rcnn`` stage), or None where it sets no positive bound."""
+    test_cfg = getattr(detector, "test_cfg", None) or {}
+    if "rcnn" in test_cfg:
+        test_cfg = test_cfg["rcnn"] or {}
+    value = test_cfg.get("max_per_img", -1) if hasattr(test_cfg, "get") else -1
+    return int(value) if value and value > 0 else None
+
+
 class InstanceDataAdapter(DetectionAdapter):
     """IG (method.md Algorithm 1) and the policy's masks O_t from MMDetection detections.
 
@@ -36,11 +46,13 @@ class InstanceDataAdapter(DetectionAdapter):
         score_threshold: detections below it are ignored by IG and O_t.
         frame_format: how the detector's input frames encode pixels (:func:`input_format`).
         stride: pixels per cell of the IG map and of O_t.
+        max_detections: the detector's ``max_per_img`` (None: unbounded); bounds the padded results of
+            BlockCopy's captured loop (:meth:`~blockcopy_core.adapters.DetectionAdapter.fixed_result`).
     """
 
     def __init__(self, classes: Sequence[int], score_threshold: float, frame_format: InputFormat,
-                 stride: int = 4) -> None:
-        super().__init__(classes, score_threshold, stride, True, frame_format)
+                 stride: int = 4, max_detections: int | None = None) -> None:
+        super().__init__(classes, score_threshold, stride, True, frame_format, max_detections)
 
     def detect(self, outputs: list[InstanceData], frame_size: FrameSize) -> Detections:
         """Per stream ``{"boxes", "scores", "labels"}`` of the instances."""

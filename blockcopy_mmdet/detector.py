@@ -40,7 +40,7 @@ from blockcopy_core.config import BlockCopyConfig
 from blockcopy_core.engine import BlockSparseModel, convert
 from blockcopy_core.errors import ConfigError, InvalidInputError
 
-from .adapter import InstanceDataAdapter, input_format
+from .adapter import InstanceDataAdapter, input_format, max_detections
 
 __all__ = ["BlockCopyDetector", "predict_from_trunk", "trunk_of"]
 
@@ -120,7 +120,7 @@ class BlockCopyDetector(VideoModel, BaseDetector):
         blockcopy: the BlockCopy settings, the fields of :class:`blockcopy_core.BlockCopyConfig`
             (``block_size``, ``policy``, ``target``, ``gamma``, ``cost_momentum``, ``lr``, ``weight_decay``,
             ``update_interval``, ``buckets``, ``cuda_graphs``, ``dense_when_full``, ``compile``, ``warmup_clips``,
-            ``online_learning``); missing ones keep the method's defaults.
+            ``online_learning``, ``capture_loop``, ``compile_loop``); missing ones keep the method's defaults.
         classes: the detector's labels the policy sees (one input mask each) and the information gain
             counts; default all of the detector's classes.
         score_threshold: detections below it are ignored by the information gain and the policy's masks.
@@ -150,7 +150,8 @@ class BlockCopyDetector(VideoModel, BaseDetector):
                               f"labels of the detector's {num_classes} classes (0..{num_classes - 1})")
         self.eval()
         sparse = convert(trunk.eval(), config=config)
-        adapter = InstanceDataAdapter(classes, score_threshold, input_format(self.data_preprocessor))
+        adapter = InstanceDataAdapter(classes, score_threshold, input_format(self.data_preprocessor),
+                                      max_detections=max_detections(plain))
         self._set_blockcopy(BlockCopy(sparse, adapter, config))
         self._init_video()
         # the last time step's StepResult (grid, IG map, detections in frame pixels) and (N, 3, H, W) frames

@@ -1,16 +1,17 @@
 """Tests for the captured online loop (BlockCopy(..., capture_loop=True), blockcopy_core.captured_loop).
 
 On the CPU: the fixed-shape pieces it replays (padded information gain, block IG from boxes, masked O_t
-painting, top-k decoding) equal the list-based ones they replace, exactly. On a GPU: a captured run
-equals an eager run fed the same grids (results, block IG, rewards, the policy's weights after three
-updates, across a clip boundary, a change of tau and a reloaded state), with its stages compiled too,
-and the captured draw stays random.
+painting, top-k decoding, results padded by ``fixed_result``) equal the list-based ones they replace,
+exactly. On a GPU: a captured run equals an eager run fed the same grids (results, block IG, rewards, the
+policy's weights after three updates, across a clip boundary, a change of tau and a reloaded state),
+driven by ``step`` or by ``select``/``observe`` with results of varying counts, with its stages compiled
+too, and the captured draw stays random.
 """
 import pytest
 import torch
 
 from blockcopy_core import adapters
-from blockcopy_core.adapters import CenterNetAdapter, paint_class_masks
+from blockcopy_core.adapters import CenterNetAdapter, DetectionAdapter, InputFormat, paint_class_masks
 from blockcopy_core.blockcopy import BlockCopy
 from blockcopy_core.compiled import compile_function
 from blockcopy_core.errors import ConfigError
@@ -140,6 +141,55 @@ def test_compiled_decoding_and_block_ig_equal_the_adapters():
         decode({"heatmap": example["heatmap"]})
 
 
+class ThresholdedAdapter(DetectionAdapter):
+    """Results of varying counts, as a framework's NMS gives them: the tiny CenterNet's top 30 peaks that
+    score at least 0.2, padded to 30 for the captured loop."""
+
+    def __init__(self, max_detections: int | None = 30) -> None:
+        super().__init__((0, 1), 0.5, 4, True, InputFormat(), max_detections)
+
+    def detect(self, outputs, frame_size):
+        detections = decode_detections(outputs, max_detections=30, input_size=frame_size)
+        return [{key: value[dets["scores"] >= 0.2] for key, value in dets.items()} for dets in detections]
+
+
+def test_fixed_results_give_the_same_masks_and_information_gain(adapter_mode):
+    gen = torch.Generator().manual_seed(8)
+    adapter = ThresholdedAdapter(max_detections=16)
+    size = (256, 256)
+    for _ in range(3):
+        current = [random_detections(gen, 1, count, 256.0)[0] for count in (11, 3)]
+        previous = [random_detections(gen, 1, count, 256.0)[0] for count in (0, 16)]
+        fixed, prev_fixed = adapter.fixed_result(current, size), adapter.fixed_result(previous, size)
+        assert [tuple(d["boxes"].shape) for d in fixed + prev_fixed] == [(16, 4)] * 4
+        assert [d["labels"][-1].item() for d in fixed] == [-1, -1]
+        assert torch.equal(adapter.output_masks(fixed, size), adapter.output_masks(current, size))
+        assert torch.equal(adapter.information_gain(fixed, prev_fixed, size),
+                           adapter.information_gain(current, previous, size))
+        gain = adapter.block_information_gain(fixed, prev_fixed, size, 64)
+        assert torch.equal(gain, adapter.block_information_gain(current, previous, size, 64)) and gain.max() > 0
+
+
+def test_fixed_results_keep_the_highest_scoring_detections():
+    gen = torch.Generator().manual_seed(9)
+    adapter = ThresholdedAdapter(max_detections=8)
+    size = (256, 256)
+    current, previous = random_detections(gen, 1, 21, 256.0), random_detections(gen, 1, 5, 256.0)
+    top = current[0]["scores"].topk(8).indices
+    best = [{key: value[top] for key, value in current[0].items()}]
+    fixed = adapter.fixed_result(current, size)
+    assert fixed[0]["scores"].shape == (8,) and set(fixed[0]["scores"].tolist()) == set(best[0]["scores"].tolist())
+    assert torch.equal(adapter.information_gain(fixed, previous, size), adapter.information_gain(best, previous, size))
+    assert adapter.fixed_result(current, size)[0]["scores"].shape == (8,)
+    assert ThresholdedAdapter(None).fixed_result(current, size) is current
+
+
+def test_capture_loop_needs_results_of_fixed_shapes():
+    with pytest.raises(ConfigError, match="capture_loop.*fixes_results"):
+        BlockCopy(tiny_model(), ThresholdedAdapter(max_detections=None), block_size=32, capture_loop=True)
+    BlockCopy(tiny_model(), ThresholdedAdapter(), block_size=32, capture_loop=True)
+
+
 def test_capture_loop_needs_the_rl_policy():
     with pytest.raises(ConfigError, match="capture_loop.*RandomPolicy"):
         BlockCopy(tiny_model(), CenterNetAdapter(classes=(0, 1)), block_size=32, policy="random",
@@ -165,10 +215,22 @@ def test_compile_loop_needs_capture_loop():
         BlockCopy(tiny_model(), CenterNetAdapter(classes=(0, 1)), block_size=32, compile_loop=True)
 
 
-def cuda_blockcopy(capture: bool, **settings) -> BlockCopy:
+def cuda_blockcopy(capture: bool, adapter: DetectionAdapter | None = None, **settings) -> BlockCopy:
     torch.manual_seed(11)
-    return BlockCopy(tiny_model().cuda(), CenterNetAdapter(classes=(0, 1), score_threshold=0.5), block_size=32,
-                     policy_options=SMALL_POLICY, cuda_graphs=False, capture_loop=capture, **settings)
+    adapter = adapter or CenterNetAdapter(classes=(0, 1), score_threshold=0.5)
+    return BlockCopy(tiny_model().cuda(), adapter, block_size=32, policy_options=SMALL_POLICY, cuda_graphs=False,
+                     capture_loop=capture, **settings)
+
+
+def select_and_observe(bc: BlockCopy, frames: torch.Tensor):
+    """One frame driven as a framework drives it: select, the block-sparse model, its own decoding, observe."""
+    outputs = bc.sparse(frames, bc.select(frames))
+    return bc.observe(bc.adapter.decode(outputs, tuple(frames.shape[-2:])), outputs=outputs)
+
+
+# how a run is driven, and the adapter it uses: step() decodes in the graphs; select/observe pads the
+# framework's results of varying counts
+DRIVERS = {"step": (BlockCopy.step, lambda: None), "select_observe": (select_and_observe, ThresholdedAdapter)}
 
 
 # compiled stages sum in another order: the policy's weights after three RMSprop steps (which divide by the
@@ -178,9 +240,12 @@ LOOP_TOLERANCE = {False: 1e-4, True: 1e-3}
 
 @cuda
 @pytest.mark.usefixtures("no_tf32")
+@pytest.mark.parametrize("driver", list(DRIVERS))
 @pytest.mark.parametrize("compile_loop", [False, True], ids=["captured", "compiled"])
-def test_captured_loop_equals_the_eager_loop_fed_the_same_grids(compile_loop):
-    captured, eager = cuda_blockcopy(True, compile_loop=compile_loop), cuda_blockcopy(False)
+def test_captured_loop_equals_the_eager_loop_fed_the_same_grids(compile_loop, driver):
+    run, make_adapter = DRIVERS[driver]
+    captured = cuda_blockcopy(True, make_adapter(), compile_loop=compile_loop)
+    eager = cuda_blockcopy(False, make_adapter())
     tolerance = LOOP_TOLERANCE[compile_loop]
     forced = {}
 
@@ -203,9 +268,9 @@ def test_captured_loop_equals_the_eager_loop_fed_the_same_grids(compile_loop):
         if t == 10:  # new optimiser state tensors: the captured step is captured again on them
             for run in (captured, eager):
                 run.load_state_dict(run.state_dict())
-        a = captured.step(frame)
+        a = run(captured, frame)
         forced["grid"] = a.grid
-        b = eager.step(frame)
+        b = run(eager, frame)
         assert torch.equal(a.grid, b.grid)
         for da, db in zip(a.result, b.result):
             for key in da:
@@ -218,7 +283,7 @@ def test_captured_loop_equals_the_eager_loop_fed_the_same_grids(compile_loop):
                     torch.testing.assert_close(a.policy_stats[name], value, rtol=tolerance, atol=1e-6)
             assert a.policy_stats["updated"] == b.policy_stats["updated"]
             checked += 1
-    assert captured._loop is loop
+    assert captured._loop is loop and loop.decodes == (driver == "step")
     assert checked == 12
     assert captured.policy.net.stem[1].num_batches_tracked.item() == eager.policy.net.stem[1].num_batches_tracked.item()
     for (name, pa), pb in zip(captured.policy.state_dict().items(), eager.policy.state_dict().values()):

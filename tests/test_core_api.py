@@ -178,7 +178,7 @@ def test_config_defaults_are_the_methods():
     assert config.to_dict() == {
         "block_size": 128, "policy": "rl", "target": 0.3, "gamma": 5.0, "cost_momentum": 0.9, "lr": 1e-4,
         "weight_decay": 1e-3, "update_interval": 4, "buckets": 16, "cuda_graphs": True, "dense_when_full": True,
-        "compile": False, "warmup_clips": 400, "online_learning": True}
+        "compile": False, "warmup_clips": 400, "online_learning": True, "capture_loop": False, "compile_loop": False}
 
 
 @pytest.mark.parametrize("key, value, message", [
@@ -186,7 +186,8 @@ def test_config_defaults_are_the_methods():
     ("block_size", 0, "'block_size' = 0"), ("block_size", 64.0, "'block_size' = 64.0"),
     ("cost_momentum", 1.0, r"'cost_momentum'.*\[0, 1\)"), ("update_interval", 0, "'update_interval'"),
     ("lr", -1.0, "'lr'"), ("gamma", "5", "'gamma' = '5'"), ("buckets", 0, "'buckets'"),
-    ("cuda_graphs", 1, "'cuda_graphs'"), ("warmup_clips", -1, "'warmup_clips'")])
+    ("cuda_graphs", 1, "'cuda_graphs'"), ("warmup_clips", -1, "'warmup_clips'"),
+    ("compile_loop", True, "'compile_loop'.*without capture_loop")])
 def test_config_values_out_of_range_are_named(key, value, message):
     with pytest.raises(bc.ConfigError, match=message):
         BlockCopyConfig(**{key: value})

@@ -11,8 +11,9 @@ moving boxes, preprocessed frames already on the GPU), the median wall time per 
   head, or RPN head) compiled with ``torch.compile`` (inductor, ``freezing``, mode "reduce-overhead" =
   CUDA graphs), the same post-processing after it;
 - ``blockcopy tau``: ``BlockCopyDetector`` with the learned policy (``rl``) at target tau, learning online:
-  policy, block-sparse network (CUDA graphs per bucket), post-processing, information gain and policy
-  update, i.e. everything a frame costs, timed after the clip's dense first frame and a warm-up;
+  policy, block-sparse network (compiled programs in CUDA graphs per bucket), post-processing, information
+  gain and policy update (the loop captured in CUDA graphs and compiled: ``capture_loop``, ``compile_loop``),
+  i.e. everything a frame costs, timed after the clip's dense first frame and a warm-up;
 - ``ceiling tau``: the compiled network on only the blocks BlockCopy executed (as a batch of 128-px
   tiles with zero padding, no state) plus the dense post-processing: what a block-sparse run could reach
   with no overhead at all.
@@ -96,7 +97,8 @@ def time_steps(step, count: int, warmup: int) -> float:
 
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
-            warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool) -> list[dict]:
+            warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool,
+            fast_loop: bool) -> list[dict]:
     dtype = DTYPES[dtype_name]
     detector_cfg = Config.fromfile(str(CONFIGS[name])).model
     torch.manual_seed(0)
@@ -121,6 +123,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     outputs = fast(video[0])
     post_ms = time_steps(lambda i: predict_from_trunk(plain, outputs, metas[0]), frames, warmup)
     row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
+           "loop": "compiled" if fast_loop else "eager",
            "eager_ms": eager_ms, "compiled_ms": compiled_ms,
            "compile_seconds": compile_s, "postprocess_ms": post_ms,
            "boxes_per_frame": statistics.mean(boxes), "blockcopy": {}}
@@ -128,7 +131,8 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
         torch.manual_seed(0)
         wrapped = MODELS.build(dict(type="BlockCopyDetector", detector=detector_cfg,
                                     blockcopy=dict(block_size=block, policy="rl", target=tau,
-                                                   compile=compile_engine)))
+                                                   compile=compile_engine, capture_loop=fast_loop,
+                                                   compile_loop=fast_loop)))
         wrapped.load_state_dict(plain.state_dict())
         wrapped.to(device=device, dtype=dtype, memory_format=torch.channels_last)
         ms = time_steps(lambda i: wrapped.predict(video[i], metas[i]), 1, warmup)  # first frame dense, warm-up
@@ -185,6 +189,9 @@ def main() -> None:
                         help="run BlockCopy with the eager engine instead of compile=True (buckets compile on "
                              "first use, during the warm-up steps or, for rare ones, in a timed step: the median "
                              "ignores those)")
+    parser.add_argument("--eager-loop", action="store_true",
+                        help="run BlockCopy's policy, information gain and update eagerly instead of captured in "
+                             "CUDA graphs and compiled (capture_loop, compile_loop)")
     parser.add_argument("--json", default="benchmark_detectors.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -198,7 +205,7 @@ def main() -> None:
             for n in (int(v) for v in args.streams.split(",")):
                 rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
                                 args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
-                                not args.eager_engine)
+                                not args.eager_engine, args.device == "cuda" and not args.eager_loop)
                 print(markdown_table(rows[-1:]), flush=True)
                 torch._dynamo.reset()
     environment = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",

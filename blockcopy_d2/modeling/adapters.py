@@ -6,7 +6,7 @@ import torch
 from detectron2.layers.mask_ops import paste_masks_in_image
 from detectron2.structures import Instances
 
-from blockcopy_core.adapters import DetectionAdapter, FrameSize, InputFormat
+from blockcopy_core.adapters import DetectionAdapter, Detections, FrameSize, InputFormat
 from blockcopy_core.information_gain import mask_information_gain
 
 
@@ -34,16 +34,27 @@ class InstancesAdapter(DetectionAdapter):
         frame_format: how the detector's images encode pixels (:func:`input_format`).
         use_masks: instance segmentation (mask IoU) rather than boxes.
         stride: pixels per cell of the IG map and of O_t.
+        max_detections: the detector's ``TEST.DETECTIONS_PER_IMAGE``; with boxes, BlockCopy's captured loop
+            takes results padded to it (:meth:`fixed_result`: detection dicts rather than ``Instances``).
     """
 
     def __init__(self, num_classes: int, score_threshold: float, frame_format: InputFormat,
-                 use_masks: bool = False, stride: int = 4) -> None:
-        super().__init__(tuple(range(num_classes)), score_threshold, stride, True, frame_format)
+                 use_masks: bool = False, stride: int = 4, max_detections: int | None = None) -> None:
+        super().__init__(tuple(range(num_classes)), score_threshold, stride, True, frame_format, max_detections)
         self.use_masks = use_masks
 
-    def detect(self, outputs: list[Instances], frame_size: FrameSize) -> list[dict[str, torch.Tensor]]:
-        """Per stream ``{"boxes", "scores", "labels"}`` of the instances."""
-        return [{"boxes": r.pred_boxes.tensor, "scores": r.scores, "labels": r.pred_classes} for r in outputs]
+    @property
+    def fixes_results(self) -> bool:
+        return not self.use_masks and self.max_detections is not None
+
+    def fixed_result(self, result: list[Instances], frame_size: FrameSize) -> Detections:
+        """The boxes, scores and labels of each stream padded to ``max_detections`` (box IG only)."""
+        return super().fixed_result(self.detect(result, frame_size), frame_size)
+
+    def detect(self, outputs: list[Instances] | Detections, frame_size: FrameSize) -> Detections:
+        """Per stream ``{"boxes", "scores", "labels"}`` of the instances (detection dicts pass through)."""
+        return [r if isinstance(r, dict) else {"boxes": r.pred_boxes.tensor, "scores": r.scores,
+                                               "labels": r.pred_classes} for r in outputs]
 
     def information_gain(self, result: list[Instances], prev_result: list[Instances],
                          frame_size: FrameSize) -> torch.Tensor:

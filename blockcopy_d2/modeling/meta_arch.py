@@ -84,7 +84,8 @@ class BlockCopyGeneralizedRCNN(BlockCopyMetaArch, GeneralizedRCNN):
     def __init__(self, cfg):
         super().__init__(cfg)
         adapter = InstancesAdapter(cfg.MODEL.ROI_HEADS.NUM_CLASSES, cfg.MODEL.BLOCKCOPY.IG_SCORE_THRESHOLD,
-                                   input_format(cfg), use_masks=cfg.MODEL.MASK_ON)
+                                   input_format(cfg), use_masks=cfg.MODEL.MASK_ON,
+                                   max_detections=cfg.TEST.DETECTIONS_PER_IMAGE)
         self._init_blockcopy(cfg, adapter)
 
     def preprocess_image(self, batched_inputs):
@@ -109,7 +110,7 @@ class BlockCopyRetinaNet(BlockCopyMetaArch, RetinaNet):
         super().__init__(cfg)
         self.head = convert(self.head.eval(), config=blockcopy_config(cfg))
         adapter = InstancesAdapter(cfg.MODEL.RETINANET.NUM_CLASSES, cfg.MODEL.BLOCKCOPY.IG_SCORE_THRESHOLD,
-                                   input_format(cfg))
+                                   input_format(cfg), max_detections=cfg.TEST.DETECTIONS_PER_IMAGE)
         self._init_blockcopy(cfg, adapter)
 
     def preprocess_image(self, batched_inputs):
