@@ -80,7 +80,7 @@ def test_a_new_clip_replays_the_last_clips_graphs():
         for grid in grids:  # the dense graph and one bucket's
             sparse(x, grid)
         sparse.reset()
-    graphs = sparse._graphs
+    graphs = sparse._spare.graphs  # kept by reset() for the next clip
     captured = len(graphs)
     assert captured == 2
     for x, grid in zip(torch.randn(3, N, 3, height, width, device="cuda"), grids):
