@@ -266,8 +266,8 @@ def test_captured_loop_equals_the_eager_loop_fed_the_same_grids(compile_loop, dr
         if t == 6:
             captured.target = eager.target = 0.6
         if t == 10:  # new optimiser state tensors: the captured step is captured again on them
-            for run in (captured, eager):
-                run.load_state_dict(run.state_dict())
+            for bc in (captured, eager):
+                bc.load_state_dict(bc.state_dict())
         a = run(captured, frame)
         forced["grid"] = a.grid
         b = run(eager, frame)
