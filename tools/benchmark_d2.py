@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""End-to-end speed of Detectron2 detectors (Mask R-CNN and RetinaNet R50-FPN) with and without BlockCopy.
+
+Per model, dtype and number of streams N, on a synthetic 2048x1024 video (a fixed textured background with
+moving boxes; float BGR frames in 0..255 already on the GPU), the median wall time per time step (one
+``model(batched_inputs)`` call on all N frames, ``torch.cuda.synchronize`` before and after) of:
+
+- ``eager_fp32_ms``: the plain Detectron2 model (``GeneralizedRCNN``, ``RetinaNet``) in fp32, eager, as
+  Detectron2 runs it: normalisation and batching, network, proposals and ROI heads or decoding, NMS,
+  ``detector_postprocess`` (with Mask R-CNN: masks pasted at full resolution); for orientation only;
+- ``dense_ms``: the baseline BlockCopy is compared with: the same model in the benchmark dtype and
+  channels_last, the part BlockCopy runs block-sparse (the *trunk*: backbone with FPN and the dense head on
+  its features: Mask R-CNN's RPN head, RetinaNet's classification and box subnets) compiled with
+  :func:`blockcopy_core.protocol.compile_dense` (inductor, freezing, CUDA graphs; its outputs checked
+  against the eager trunk's on the first frame), everything else as Detectron2 runs it;
+- ``dense_backbone_ms``: the compiled trunk alone on the normalised (N, 3, H, W) image batch, and
+  ``dense_rest_ms = dense_ms - dense_backbone_ms``: normalisation and batching, anchors, proposals, ROI
+  heads (box and mask heads, which BlockCopy runs dense too), decoding, NMS and post-processing;
+- ``blockcopy[tau]``: the BlockCopy meta-architecture of the ``*_blockcopy_tau0.3`` config at target tau,
+  ``rl`` policy learning online: policy, block-sparse trunk (``MODEL.BLOCKCOPY.COMPILE``: compiled programs
+  in CUDA graphs per bucket), the dense rest, information gain and policy update; RetinaNet's loop (box
+  information gain) captured in CUDA graphs and compiled (``CAPTURE_LOOP``, ``COMPILE_LOOP``), Mask
+  R-CNN's eager (its mask information gain has results of varying shape, which the captured loop does not
+  take). The frames form one clip per stream (``clip_id``); timed after the clip's dense first frame and
+  the warm-up. ``ms_per_stage`` is BlockCopy's own split (``network`` there is all of Detectron2's work
+  between the policy and the information gain);
+- ``ceiling`` (``--ceiling``): the compiled trunk on only the blocks BlockCopy executed (a batch of
+  block-sized tiles, no state, compiled once more for that shape) plus ``dense_rest_ms``: what a
+  block-sparse run could reach with no overhead at all.
+
+Weights are random (``torch.manual_seed(0)``; the BlockCopy model loads the plain model's state_dict):
+the networks' speed does not depend on them, but the post-processing's (ROI heads, NMS, mask pasting) and
+the information gain's do through the number of detections, which is reported per frame and stream (dense
+/ BlockCopy) and is not a trained model's. fp16 is the whole model cast with ``.to(torch.float16)``;
+Detectron2 decodes boxes in fp32 itself. ``--device cpu`` only checks that the script runs: nothing is
+compiled there (the dense trunk runs eagerly, ``MODEL.BLOCKCOPY.COMPILE False``, no captured loop).
+Prints a table per configuration and one of all at the end, and writes a JSON file.
+
+    python tools/benchmark_d2.py --models maskrcnn,retinanet --dtypes fp16,fp32 --taus 0.3,0.5 --ceiling
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+import blockcopy_d2  # noqa: E402,F401  (registers the meta-architectures)
+from blockcopy_core.protocol import compile_dense  # noqa: E402
+from blockcopy_d2.config import add_blockcopy_config, merge_config_file  # noqa: E402
+
+CONFIGS = {"maskrcnn": ROOT / "configs/Cityscapes/mask_rcnn_R_50_FPN_blockcopy_tau0.3.yaml",
+           "retinanet": ROOT / "configs/Cityscapes/retinanet_R_50_FPN_blockcopy_tau0.3.yaml"}
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # no bf16: torchvision's ROIAlign kernels lack it
+LOOP_STAGES = ("policy", "information_gain", "update")
+
+
+def blockcopy_config(name: str, tau: float, block: int, device: torch.device, compile_engine: bool,
+                     fast_loop: bool):
+    """The Detectron2 config of ``name``'s BlockCopy model at target ``tau``; ``fast_loop``: capture and
+    compile the online loop where the model's information gain allows it (box IG, not Mask R-CNN's)."""
+    cfg = get_cfg()
+    add_blockcopy_config(cfg)
+    merge_config_file(cfg, str(CONFIGS[name]))
+    cfg.MODEL.DEVICE = str(device)
+    cfg.MODEL.BLOCKCOPY.TARGET = tau
+    cfg.MODEL.BLOCKCOPY.BLOCK_SIZE = block
+    cfg.MODEL.BLOCKCOPY.COMPILE = compile_engine
+    loop = fast_loop and not cfg.MODEL.MASK_ON
+    cfg.MODEL.BLOCKCOPY.CAPTURE_LOOP = loop
+    cfg.MODEL.BLOCKCOPY.COMPILE_LOOP = loop
+    return cfg
+
+
+def plain_config(cfg):
+    """The plain Detectron2 model of a BlockCopy config: the meta-architecture, backbone and proposal
+    generator it wraps (for Mask R-CNN this is ``mask_rcnn_R_50_FPN_dense.yaml``)."""
+    cfg = cfg.clone()
+    cfg.MODEL.META_ARCHITECTURE = cfg.MODEL.META_ARCHITECTURE.removeprefix("BlockCopy")
+    cfg.MODEL.BACKBONE.NAME = cfg.MODEL.BLOCKCOPY.BACKBONE
+    cfg.MODEL.PROPOSAL_GENERATOR.NAME = cfg.MODEL.PROPOSAL_GENERATOR.NAME.removeprefix("BlockCopy")
+    return cfg
+
+
+def synthetic_video(frames: int, n: int, height: int, width: int) -> list[torch.Tensor]:
+    """(N, 3, H, W) uint8 BGR frames on the CPU: a smooth random background with fine texture, and 12
+    pedestrian-sized (40x100) boxes of random colours per stream moving 8 px per frame (wrapping around)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    low = torch.rand(n, 3, height // 32, width // 32, generator=generator)
+    smooth = torch.nn.functional.interpolate(low, size=(height, width), mode="bilinear")
+    texture = torch.rand(n, 3, height, width, generator=generator)
+    background = (200 * smooth + 55 * texture).to(torch.uint8)
+    xs = torch.randint(0, width - 40, (n, 12), generator=generator)
+    ys = torch.randint(0, height - 100, (n, 12), generator=generator)
+    colours = torch.randint(0, 256, (n, 12, 3), dtype=torch.uint8, generator=generator)
+    video = []
+    for t in range(frames):
+        frame = background.clone()
+        for s in range(n):
+            for x, y, colour in zip(xs[s].tolist(), ys[s].tolist(), colours[s]):
+                x = (x + 8 * t) % (width - 40)
+                frame[s, :, y:y + 100, x:x + 40] = colour[:, None, None]
+        video.append(frame)
+    return video
+
+
+def batched_inputs(frame: torch.Tensor, clip: bool) -> list[dict]:
+    """Detectron2's inputs of one time step: a dict per stream with the (3, H, W) image and the output
+    size (that of the frame: nothing is resized); with ``clip`` also the stream's clip id, constant over
+    the video, so that a BlockCopy model runs it as one clip per stream."""
+    height, width = frame.shape[-2:]
+    inputs = [{"image": image, "height": height, "width": width} for image in frame]
+    if clip:
+        for stream, item in enumerate(inputs):
+            item["clip_id"] = f"stream{stream}"
+    return inputs
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_steps(step, count: int, warmup: int) -> float:
+    """Median ms of ``step(i)`` over ``count`` calls after ``warmup`` calls, synchronised around each."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + count):
+        synchronize()
+        start = time.perf_counter()
+        step(i)
+        synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def head_site(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
+    """Where the dense head BlockCopy runs block-sparse sits: its owner, attribute name and input
+    feature names (R-CNN: the RPN's head; RetinaNet: its own head)."""
+    if hasattr(model, "proposal_generator"):
+        return model.proposal_generator, "rpn_head", list(model.proposal_generator.in_features)
+    return model, "head", list(model.head_in_features)
+
+
+class Trunk(nn.Module):
+    """The part of a detector BlockCopy runs block-sparse, as one module of the normalised image batch.
+
+    Takes (N, 3, H, W) images and returns ``(features, head_outputs)``: the backbone's dict of
+    (N, C, H / s, W / s) feature maps and the head's outputs on them (two lists with one map per level:
+    objectness or class logits, and box deltas).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        owner, name, self.head_in_features = head_site(model)
+        self.backbone, self.head = model.backbone, getattr(owner, name)
+
+    def forward(self, images: torch.Tensor):
+        features = self.backbone(images)
+        return features, self.head([features[f] for f in self.head_in_features])
+
+
+class TrunkBackbone(nn.Module):
+    """Stands in for ``model.backbone``: runs the whole trunk function, returns its features and leaves the
+    head outputs for :class:`TrunkHead`. Detectron2 reads ``output_shape()``, ``size_divisibility`` and
+    ``padding_constraints`` of its backbone: those are the original backbone's."""
+
+    def __init__(self, backbone: nn.Module, trunk, pending: list):
+        super().__init__()
+        self.original, self.trunk, self.pending = backbone, trunk, pending
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        features, head_outputs = self.trunk(images)
+        self.pending.append(head_outputs)
+        return features
+
+    def output_shape(self):
+        return self.original.output_shape()
+
+    @property
+    def size_divisibility(self) -> int:
+        return self.original.size_divisibility
+
+    @property
+    def padding_constraints(self) -> dict:
+        return self.original.padding_constraints
+
+
+class TrunkHead(nn.Module):
+    """Stands in for the dense head: returns what the trunk computed for the features it is given."""
+
+    def __init__(self, pending: list):
+        super().__init__()
+        self.pending = pending
+
+    def forward(self, features: list[torch.Tensor]):
+        if len(self.pending) != 1:
+            raise RuntimeError(f"the head expected the outputs of one trunk call, found {len(self.pending)}")
+        return self.pending.pop()
+
+
+@contextmanager
+def trunk_substituted(model: nn.Module, trunk):
+    """``model`` with its backbone and dense head replaced by ``trunk`` (a function of the normalised
+    images returning ``(features, head_outputs)`` as :class:`Trunk`), restored afterwards; Detectron2's
+    forward runs unchanged around it."""
+    owner, name, _ = head_site(model)
+    backbone, head, pending = model.backbone, getattr(owner, name), []
+    model.backbone = TrunkBackbone(backbone, trunk, pending)
+    setattr(owner, name, TrunkHead(pending))
+    try:
+        yield model
+    finally:
+        model.backbone = backbone
+        setattr(owner, name, head)
+
+
+def detections(outputs: list[dict]) -> float:
+    """Mean number of detections per stream of one time step's outputs."""
+    return statistics.mean(len(output["instances"]) for output in outputs)
+
+
+@torch.no_grad()
+def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
+            warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool,
+            fast_loop: bool) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    cuda = device.type == "cuda"
+    configs = {tau: blockcopy_config(name, tau, block, device, compile_engine, fast_loop) for tau in taus}
+    torch.manual_seed(0)
+    plain = build_model(plain_config(configs[taus[0]])).eval()
+    video = synthetic_video(warmup + frames, n, height, width)
+
+    def steps(model, inputs, counts):
+        def step(i):
+            outputs = model(inputs[i])
+            counts.append(detections(outputs))
+        return step
+
+    inputs = [batched_inputs(frame.to(device=device, dtype=torch.float32), clip=False) for frame in video]
+    eager_ms = time_steps(steps(plain, inputs, []), frames, warmup)
+
+    plain.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+    inputs = [batched_inputs(frame.to(device=device, dtype=dtype), clip=True) for frame in video]
+    # The trunk's input as Detectron2 makes it (normalised, padded, batched: a new NCHW tensor whatever the
+    # layout of the frames), so that the compiled trunk sees the strides it is compiled for.
+    images = plain.preprocess_image(inputs[0]).tensor
+    started = time.perf_counter()
+    trunk = compile_dense(Trunk(plain), images) if cuda else Trunk(plain)  # checked against the eager trunk
+    dense_counts = []
+    with trunk_substituted(plain, trunk):
+        steps(plain, inputs, [])(0)
+        compile_s = time.perf_counter() - started
+        dense_ms = time_steps(steps(plain, inputs, dense_counts), frames, warmup)
+    backbone_ms = time_steps(lambda i: trunk(images), frames, warmup)
+    row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
+           "loop": "compiled" if configs[taus[0]].MODEL.BLOCKCOPY.CAPTURE_LOOP else "eager",
+           "eager_fp32_ms": eager_ms, "dense_ms": dense_ms, "dense_backbone_ms": backbone_ms,
+           "dense_rest_ms": dense_ms - backbone_ms, "compile_seconds": compile_s,
+           "detections_per_frame": statistics.mean(dense_counts), "blockcopy": {}}
+    for tau in taus:
+        torch.manual_seed(0)  # the policy's initial weights
+        model = build_model(configs[tau])
+        model.load_state_dict(plain.state_dict(), strict=True)
+        model.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+        counts = []
+        for i in range(warmup):  # the clip's dense first frame, then the warm-up (buckets compile on first use)
+            model(inputs[i])
+        model.reset_statistics()
+        step = steps(model, inputs, counts)
+        ms = time_steps(lambda i: step(warmup + i), frames, 0)
+        stats = model.statistics
+        row["blockcopy"][tau] = {
+            "ms": ms, "executed_fraction": stats.executed_fraction,
+            "selected_fraction": stats.policy_selected_fraction, "ms_per_stage": stats.ms_per_frame(),
+            "gmacs_per_frame": stats.gmacs_per_frame(), "detections_per_frame": statistics.mean(counts),
+            "speedup_vs_dense": dense_ms / ms, "speedup_vs_eager_fp32": eager_ms / ms,
+        }
+        if ceiling:
+            executed = round(stats.executed_fraction * n * (height // block) * (width // block))
+            tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype)
+            # a second shape of the same code would otherwise be compiled with dynamic shapes
+            with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                tiles_trunk = compile_dense(Trunk(plain), tiles) if cuda else Trunk(plain)
+                tiles_ms = time_steps(lambda i: tiles_trunk(tiles), frames, warmup)
+            ceiling_ms = tiles_ms + row["dense_rest_ms"]
+            row["blockcopy"][tau].update(ceiling_ms=ceiling_ms, ceiling_speedup=dense_ms / ceiling_ms)
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return [row]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| model | dtype | N | engine / loop | eager fp32 ms | dense ms | dense backbone ms | dense rest ms | "
+             "tau | executed | BlockCopy ms | vs dense | vs eager fp32 | ceiling (vs dense) | of ceiling | "
+             "policy+IG+update ms | detections |", "|" + " --- |" * 17]
+    for r in rows:
+        for tau, b in r["blockcopy"].items():
+            loop = sum(b["ms_per_stage"].get(stage, 0.0) for stage in LOOP_STAGES)
+            ceiling = (f"{b['ceiling_speedup']:.2f}x | {b['speedup_vs_dense'] / b['ceiling_speedup']:.0%}"
+                       if "ceiling_speedup" in b else "- | -")
+            lines.append(
+                f"| {r['model']} | {r['dtype']} | {r['streams']} | {r['engine']} / {r['loop']} | "
+                f"{r['eager_fp32_ms']:.1f} | {r['dense_ms']:.1f} | {r['dense_backbone_ms']:.1f} | "
+                f"{r['dense_rest_ms']:.1f} | {tau} | {b['executed_fraction']:.3f} | {b['ms']:.1f} | "
+                f"{b['speedup_vs_dense']:.2f}x | {b['speedup_vs_eager_fp32']:.2f}x | {ceiling} | {loop:.1f} | "
+                f"{r['detections_per_frame']:.0f} / {b['detections_per_frame']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="maskrcnn,retinanet", help=f"comma-separated, of {', '.join(CONFIGS)}")
+    parser.add_argument("--dtypes", default="fp16,fp32", help=f"comma-separated, of {', '.join(DTYPES)}")
+    parser.add_argument("--streams", default="1", help="comma-separated numbers of streams N")
+    parser.add_argument("--taus", default="0.3,0.5")
+    parser.add_argument("--size", default="1024x2048", help="frame HxW")
+    parser.add_argument("--block", type=int, default=128)
+    parser.add_argument("--frames", type=int, default=30, help="timed time steps (median)")
+    parser.add_argument("--warmup", type=int, default=15,
+                        help="untimed steps first (compilation, CUDA graphs; BlockCopy: the clip's dense first frame)")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="also time the compiled trunk on only the executed tiles (one more compilation per tau)")
+    parser.add_argument("--device", default="cuda", help="cuda (speed); cpu only checks that the script runs")
+    parser.add_argument("--eager-engine", action="store_true",
+                        help="run BlockCopy's block-sparse engine eagerly instead of MODEL.BLOCKCOPY.COMPILE True "
+                             "(whose buckets compile on first use: during the warm-up or, for rare ones, in a timed "
+                             "step, which the median ignores)")
+    parser.add_argument("--eager-loop", action="store_true",
+                        help="run BlockCopy's policy, information gain and update eagerly instead of captured in CUDA "
+                             "graphs and compiled (CAPTURE_LOOP, COMPILE_LOOP; RetinaNet only: Mask R-CNN's is eager)")
+    parser.add_argument("--json", default="benchmark_d2.json")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("tools/benchmark_d2.py measures GPU speed and needs a CUDA device")
+    height, width = (int(v) for v in args.size.split("x"))
+    if height % args.block or width % args.block:
+        raise SystemExit(f"--block {args.block} must divide the frame size {height}x{width}")
+    if args.warmup < 1:
+        raise SystemExit("--warmup must be at least 1 (BlockCopy's first frame of a clip runs dense, untimed)")
+    cuda = args.device == "cuda"
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for name in args.models.split(","):
+        for dtype_name in args.dtypes.split(","):
+            for n in (int(v) for v in args.streams.split(",")):
+                rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
+                                args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
+                                cuda and not args.eager_engine, cuda and not args.eager_loop)
+                print(markdown_table(rows[-1:]), flush=True)
+                torch._dynamo.reset()
+    environment = {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                   "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+                   "size": f"{height}x{width}", "block": args.block, "frames": args.frames, "warmup": args.warmup}
+    Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
+    print(f"\n{environment}\n\n{markdown_table(rows)}")
+
+
+if __name__ == "__main__":
+    main()
