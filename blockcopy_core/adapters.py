@@ -136,7 +136,7 @@ def fixed_shapes() -> Iterator[None]:
         _fixed_shapes = previous
 
 
-def _capturing(device: torch.device) -> bool:
+def capturing(device: torch.device) -> bool:
     """Whether work on ``device`` must keep fixed shapes and read nothing on the host: inside
     :func:`fixed_shapes` or a CUDA graph capture."""
     return _fixed_shapes or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
@@ -290,21 +290,23 @@ class DetectionAdapter(OutputAdapter):
         return self.capturable or self.max_detections is not None
 
     def fixed_result(self, result: Detections, frame_size: FrameSize) -> Detections:
-        """Each stream's boxes, scores and labels padded to ``max_detections`` rows (score 0, label -1: never
-        relevant), the highest-scoring ones where a stream has more. No host read: the counts are shapes."""
+        """Each stream's detections padded to ``max_detections`` rows (score 0, label -1: never relevant;
+        other per-detection entries, such as instance masks, zero), the highest-scoring ones where a
+        stream has more; boxes and scores in fp32. No host read: the counts are shapes."""
         if self.max_detections is None:
             return result
         count = self.max_detections
         fixed = []
         for dets in result:
-            boxes, scores, labels = dets["boxes"], dets["scores"], dets["labels"]
-            if scores.shape[0] > count:
-                top = scores.topk(count).indices
-                boxes, scores, labels = boxes[top], scores[top], labels[top]
-            missing = count - scores.shape[0]
-            fixed.append({"boxes": F.pad(boxes.float(), (0, 0, 0, missing)),
-                          "scores": F.pad(scores.float(), (0, missing)),
-                          "labels": F.pad(labels.long(), (0, missing), value=-1)})
+            scores = dets["scores"]
+            top = scores.topk(count).indices if scores.shape[0] > count else None
+            padded = {}
+            for key, value in dets.items():
+                value = value if top is None else value[top]
+                value = value.float() if key in ("boxes", "scores") else value.long() if key == "labels" else value
+                rows = (0, 0) * (value.dim() - 1) + (0, count - value.shape[0])
+                padded[key] = F.pad(value, rows, value=-1 if key == "labels" else 0)
+            fixed.append(padded)
         return fixed
 
     @abstractmethod
@@ -334,7 +336,7 @@ class DetectionAdapter(OutputAdapter):
         paint: a decoder's top 100 are mostly below the threshold); in a CUDA graph capture they stay,
         masked (no host read, fixed shapes when the streams have equal counts)."""
         device = detections[0]["boxes"].device
-        if _capturing(device):
+        if capturing(device):
             padded = pad_detections(detections, True, device, "detections")
             padded["valid"] = padded["valid"] & self._relevance(padded["scores"], padded["labels"])
         else:

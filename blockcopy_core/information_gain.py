@@ -268,6 +268,48 @@ def padded_box_information_gain(
     return _block_maxima(all_boxes, all_values, height, width, block_size)
 
 
+def padded_mask_information_gain(
+    masks: torch.Tensor,
+    scores: torch.Tensor,
+    prev_masks: torch.Tensor,
+    prev_scores: torch.Tensor,
+    *,
+    valid: torch.Tensor | None = None,
+    prev_valid: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    prev_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`mask_information_gain` for N streams whose instances are padded to fixed counts, with static
+    shapes and without host synchronisation (capturable in a CUDA graph): slots outside ``valid`` take
+    no part (their masks count as empty: they match nothing and paint nothing), which gives the maps of
+    dropping them.
+
+    Args:
+        masks: (N, K, H, W) current instance masks, bool or probabilities binarised at ``>= 0.5``.
+        scores: (N, K) their scores.
+        prev_masks: (N, P, H, W) masks of the previous frame; prev_scores: (N, P).
+        valid, prev_valid: (N, K) and (N, P) bool, the slots holding instances (None: all).
+        labels, prev_labels: (N, K) and (N, P) classes, both or neither, as in :func:`box_information_gain`.
+
+    Returns:
+        (N, H, W) IG maps.
+    """
+    _check_labels_pairing(labels, prev_labels)
+    if masks.dim() != 4 or prev_masks.dim() != 4 or masks.shape[-2:] != prev_masks.shape[-2:]:
+        raise ValueError(f"masks and prev_masks must be (N, K, H, W) and (N, P, H, W), got "
+                         f"{tuple(masks.shape)} and {tuple(prev_masks.shape)}")
+    dtype = _float_dtype(scores, prev_scores)
+    masks, prev_masks = _binarise(masks), _binarise(prev_masks)
+    scores, prev_scores = scores.to(dtype), prev_scores.to(dtype)
+    if valid is not None:
+        masks, scores = masks & valid[..., None, None], torch.where(valid, scores, 0.0)
+    if prev_valid is not None:
+        prev_masks, prev_scores = prev_masks & prev_valid[..., None, None], torch.where(prev_valid, prev_scores, 0.0)
+    iou = _restrict_pairs(_mask_iou(masks, prev_masks).to(dtype), labels, prev_labels)
+    values, prev_values = _matched_values(iou, scores, prev_scores)
+    return torch.maximum(_paint_masks(masks, values, dtype), _paint_masks(prev_masks, prev_values, dtype))
+
+
 def _stream_box_iou(boxes: torch.Tensor, prev_boxes: torch.Tensor) -> torch.Tensor:
     """(N, K, P) IoU of each stream's (N, K, 4) and (N, P, 4) boxes, 0 where both are empty."""
     streams, count, prev_count = boxes.shape[0], boxes.shape[1], prev_boxes.shape[1]
@@ -404,26 +446,27 @@ def _axis_cells(low: torch.Tensor, high: torch.Tensor,
 
 
 def _paint_masks(masks: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Max-composite constant values over (K, H, W) bool masks into an (H, W) map starting at 0."""
-    out = torch.zeros(masks.shape[1:], dtype=dtype, device=masks.device)
-    pixels = masks.shape[1] * masks.shape[2]
+    """Max-composite constant (..., K) values over (..., K, H, W) bool masks into a (..., H, W) map starting
+    at 0."""
+    out = torch.zeros(masks.shape[:-3] + masks.shape[-2:], dtype=dtype, device=masks.device)
+    pixels = out.numel()
     chunk = max(1, _PAINT_CHUNK_ELEMENTS // max(pixels, 1))
-    for start in range(0, masks.shape[0], chunk):
+    for start in range(0, masks.shape[-3], chunk):
         part = slice(start, start + chunk)
-        maps = torch.where(masks[part], values[part, None, None], 0)
-        out = torch.maximum(out, maps.amax(dim=0))
+        maps = torch.where(masks[..., part, :, :], values[..., part, None, None], 0)
+        out = torch.maximum(out, maps.amax(dim=-3))
     return out
 
 
 def _mask_iou(masks: torch.Tensor, prev_masks: torch.Tensor) -> torch.Tensor:
-    """(K, P) IoU of two sets of (K, H, W) and (P, H, W) bool masks; 0 where both are empty.
+    """(..., K, P) IoU of two sets of (..., K, H, W) and (..., P, H, W) bool masks; 0 where both are empty.
 
     Pixel counts are exact in fp32 up to 2**24 pixels per mask.
     """
-    a = masks.flatten(1).float()
-    b = prev_masks.flatten(1).float()
-    inter = a @ b.T
-    union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
+    a = masks.flatten(-2).float()
+    b = prev_masks.flatten(-2).float()
+    inter = a @ b.mT
+    union = a.sum(-1)[..., :, None] + b.sum(-1)[..., None, :] - inter
     return torch.where(union > 0, inter / union.clamp_min(1), 0.0)
 
 

@@ -61,7 +61,7 @@ def adapter_mode(request, monkeypatch):
     """The adapter as run eagerly (irrelevant detections dropped) and as in a CUDA graph capture (kept,
     masked)."""
     if request.param == "as captured":
-        monkeypatch.setattr(adapters, "_capturing", lambda device: True)
+        monkeypatch.setattr(adapters, "capturing", lambda device: True)
     return request.param
 
 

@@ -117,6 +117,28 @@ def test_static_clip_equals_dense_for_any_policy(kind, policy, device):
     assert blockcopy.blockcopy.statistics.policy_executed_fraction < 1.0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+@pytest.mark.usefixtures("no_tf32")
+def test_captured_loop_runs_through_the_plugin(kind):
+    """MODEL.BLOCKCOPY.CAPTURE_LOOP: Detectron2's results (masks or boxes) padded to DETECTIONS_PER_IMAGE
+    feed the captured loop from the second frame on; a static clip still gives the dense outputs."""
+    plain, blockcopy = models(kind, "cuda", TARGET=0.5, CAPTURE_LOOP=True)
+    with torch.no_grad():
+        for batch in clip(5, static=True):
+            assert_same_outputs(blockcopy(batch), plain(batch), tol=1e-4)
+    loop = blockcopy.blockcopy._loop
+    assert loop is not None and not loop.decodes and loop.frame_number == 3  # frames 2-5 replayed
+    assert blockcopy.blockcopy.statistics.policy_executed_fraction < 1.0
+
+
+def test_capture_loop_is_a_config_key():
+    with pytest.raises(bc.ConfigError, match="capture_loop"):
+        models("retinanet", POLICY="random", CAPTURE_LOOP=True)
+    with pytest.raises(bc.ConfigError, match="COMPILE_LOOP"):
+        models("retinanet", COMPILE_LOOP=True)
+
+
 def test_compiled_engine_runs_through_the_plugin():
     """MODEL.BLOCKCOPY.COMPILE: backbone and head run compiled programs (two buckets: few compiles on
     the CPU) and a static clip still gives the dense outputs."""

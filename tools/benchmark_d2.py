@@ -18,10 +18,10 @@ moving boxes; float BGR frames in 0..255 already on the GPU), the median wall ti
   heads (box and mask heads, which BlockCopy runs dense too), decoding, NMS and post-processing;
 - ``blockcopy[tau]``: the BlockCopy meta-architecture of the ``*_blockcopy_tau0.3`` config at target tau,
   ``rl`` policy learning online: policy, block-sparse trunk (``MODEL.BLOCKCOPY.COMPILE``: compiled programs
-  in CUDA graphs per bucket), the dense rest, information gain and policy update; RetinaNet's loop (box
-  information gain) captured in CUDA graphs and compiled (``CAPTURE_LOOP``, ``COMPILE_LOOP``), Mask
-  R-CNN's eager (its mask information gain has results of varying shape, which the captured loop does not
-  take). The frames form one clip per stream (``clip_id``); timed after the clip's dense first frame and
+  in CUDA graphs per bucket), the dense rest, information gain and policy update, the loop captured in
+  CUDA graphs and compiled (``CAPTURE_LOOP``, ``COMPILE_LOOP``; Detectron2's results padded to
+  ``TEST.DETECTIONS_PER_IMAGE``: RetinaNet's box, Mask R-CNN's mask information gain) unless
+  ``--eager-loop``. The frames form one clip per stream (``clip_id``); timed after the clip's dense first frame and
   the warm-up. ``ms_per_stage`` is BlockCopy's own split (``network`` there is all of Detectron2's work
   between the policy and the information gain);
 - ``ceiling`` (``--ceiling``): the compiled trunk on only the blocks BlockCopy executed (a batch of
@@ -72,7 +72,7 @@ LOOP_STAGES = ("policy", "information_gain", "update")
 def blockcopy_config(name: str, tau: float, block: int, device: torch.device, compile_engine: bool,
                      fast_loop: bool):
     """The Detectron2 config of ``name``'s BlockCopy model at target ``tau``; ``fast_loop``: capture and
-    compile the online loop where the model's information gain allows it (box IG, not Mask R-CNN's)."""
+    compile the online loop."""
     cfg = get_cfg()
     add_blockcopy_config(cfg)
     merge_config_file(cfg, str(CONFIGS[name]))
@@ -80,9 +80,8 @@ def blockcopy_config(name: str, tau: float, block: int, device: torch.device, co
     cfg.MODEL.BLOCKCOPY.TARGET = tau
     cfg.MODEL.BLOCKCOPY.BLOCK_SIZE = block
     cfg.MODEL.BLOCKCOPY.COMPILE = compile_engine
-    loop = fast_loop and not cfg.MODEL.MASK_ON
-    cfg.MODEL.BLOCKCOPY.CAPTURE_LOOP = loop
-    cfg.MODEL.BLOCKCOPY.COMPILE_LOOP = loop
+    cfg.MODEL.BLOCKCOPY.CAPTURE_LOOP = fast_loop
+    cfg.MODEL.BLOCKCOPY.COMPILE_LOOP = fast_loop
     return cfg
 
 
