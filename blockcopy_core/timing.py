@@ -1,9 +1,42 @@
-"""Timing of the engine's own work (the "sparse overhead" of the paper's Table 3)."""
+"""Timing of the engine's own work (the "sparse overhead" of the paper's Table 3), and of whole time steps
+for the end-to-end benchmarks in ``tools/``."""
 from __future__ import annotations
 
+import datetime
+import platform
+import statistics
 import time
+from typing import Callable
 
 import torch
+
+
+def median_step_ms(step: Callable[[int], object], count: int, warmup: int) -> float:
+    """Median wall time in ms of ``step(i)`` for i = warmup .. warmup + count - 1, after ``step(0 .. warmup
+    - 1)`` untimed; CUDA is synchronised before and after each timed call, so a step's asynchronous work
+    counts in full."""
+    for i in range(warmup):
+        step(i)
+    times = []
+    for i in range(warmup, warmup + count):
+        _synchronize()
+        start = time.perf_counter()
+        step(i)
+        _synchronize()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def benchmark_environment(cuda: bool) -> dict[str, str]:
+    """Device, library versions and date, as a benchmark's JSON records them."""
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": platform.python_version(),
+            "date": datetime.date.today().isoformat()}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class OverheadTimer:

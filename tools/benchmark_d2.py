@@ -8,6 +8,7 @@ moving boxes; float BGR frames in 0..255 already on the GPU), the median wall ti
 - ``eager_fp32_ms``: the plain Detectron2 model (``GeneralizedRCNN``, ``RetinaNet``) in fp32, eager, as
   Detectron2 runs it: normalisation and batching, network, proposals and ROI heads or decoding, NMS,
   ``detector_postprocess`` (with Mask R-CNN: masks pasted at full resolution); for orientation only;
+- ``dense_eager_ms``: the same model in the benchmark dtype and channels_last, all eager;
 - ``dense_ms``: the baseline BlockCopy is compared with: the same model in the benchmark dtype and
   channels_last, the part BlockCopy runs block-sparse (the *trunk*: backbone with FPN and the dense head on
   its features: Mask R-CNN's RPN head, RetinaNet's classification and box subnets) compiled with
@@ -16,6 +17,8 @@ moving boxes; float BGR frames in 0..255 already on the GPU), the median wall ti
 - ``dense_backbone_ms``: the compiled trunk alone on the normalised (N, 3, H, W) image batch, and
   ``dense_rest_ms = dense_ms - dense_backbone_ms``: normalisation and batching, anchors, proposals, ROI
   heads (box and mask heads, which BlockCopy runs dense too), decoding, NMS and post-processing;
+  ``dense_again_ms``: ``dense_ms`` timed once more after the BlockCopy runs (order effects: cuDNN's
+  autotuning of the ROI heads' batch sizes, caches);
 - ``blockcopy[tau]``: the BlockCopy meta-architecture of the ``*_blockcopy_tau0.3`` config at target tau,
   ``rl`` policy learning online: policy, block-sparse trunk (``MODEL.BLOCKCOPY.COMPILE``: compiled programs
   in CUDA graphs per bucket), the dense rest, information gain and policy update, the loop captured in
@@ -41,9 +44,7 @@ Prints a table per configuration and one of all at the end, and writes a JSON fi
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -61,6 +62,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import blockcopy_d2  # noqa: E402,F401  (registers the meta-architectures)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
+from blockcopy_core.timing import benchmark_environment, median_step_ms  # noqa: E402
 from blockcopy_d2.config import add_blockcopy_config, merge_config_file  # noqa: E402
 
 CONFIGS = {"maskrcnn": ROOT / "configs/Cityscapes/mask_rcnn_R_50_FPN_blockcopy_tau0.3.yaml",
@@ -129,23 +131,6 @@ def batched_inputs(frame: torch.Tensor, clip: bool) -> list[dict]:
     return inputs
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_steps(step, count: int, warmup: int) -> float:
-    """Median ms of ``step(i)`` over ``count`` calls after ``warmup`` calls, synchronised around each."""
-    for i in range(warmup):
-        step(i)
-    times = []
-    for i in range(warmup, warmup + count):
-        synchronize()
-        start = time.perf_counter()
-        step(i)
-        synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def head_site(model: nn.Module) -> tuple[nn.Module, str, list[str]]:
@@ -237,7 +222,7 @@ def detections(outputs: list[dict]) -> float:
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
             warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool,
-            fast_loop: bool) -> list[dict]:
+            fast_loop: bool, profile: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
     cuda = device.type == "cuda"
     configs = {tau: blockcopy_config(name, tau, block, device, compile_engine, fast_loop) for tau in taus}
@@ -252,10 +237,11 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
         return step
 
     inputs = [batched_inputs(frame.to(device=device, dtype=torch.float32), clip=False) for frame in video]
-    eager_ms = time_steps(steps(plain, inputs, []), frames, warmup)
+    eager_ms = median_step_ms(steps(plain, inputs, []), frames, warmup)
 
     plain.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     inputs = [batched_inputs(frame.to(device=device, dtype=dtype), clip=True) for frame in video]
+    dense_eager_ms = median_step_ms(steps(plain, inputs, []), frames, warmup)
     # The trunk's input as Detectron2 makes it (normalised, padded, batched: a new NCHW tensor whatever the
     # layout of the frames), so that the compiled trunk sees the strides it is compiled for.
     images = plain.preprocess_image(inputs[0]).tensor
@@ -265,11 +251,14 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     with trunk_substituted(plain, trunk):
         steps(plain, inputs, [])(0)
         compile_s = time.perf_counter() - started
-        dense_ms = time_steps(steps(plain, inputs, dense_counts), frames, warmup)
-    backbone_ms = time_steps(lambda i: trunk(images), frames, warmup)
+        dense_ms = median_step_ms(steps(plain, inputs, dense_counts), frames, warmup)
+        if profile:
+            print_profile(f"{name} {dtype_name} dense", lambda: steps(plain, inputs, [])(warmup))
+    backbone_ms = median_step_ms(lambda i: trunk(images), frames, warmup)
     row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
            "loop": "compiled" if configs[taus[0]].MODEL.BLOCKCOPY.CAPTURE_LOOP else "eager",
-           "eager_fp32_ms": eager_ms, "dense_ms": dense_ms, "dense_backbone_ms": backbone_ms,
+           "eager_fp32_ms": eager_ms, "dense_eager_ms": dense_eager_ms, "dense_ms": dense_ms,
+           "dense_backbone_ms": backbone_ms,
            "dense_rest_ms": dense_ms - backbone_ms, "compile_seconds": compile_s,
            "detections_per_frame": statistics.mean(dense_counts), "blockcopy": {}}
     for tau in taus:
@@ -282,7 +271,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             model(inputs[i])
         model.reset_statistics()
         step = steps(model, inputs, counts)
-        ms = time_steps(lambda i: step(warmup + i), frames, 0)
+        ms = median_step_ms(lambda i: step(warmup + i), frames, 0)
         stats = model.statistics
         row["blockcopy"][tau] = {
             "ms": ms, "executed_fraction": stats.executed_fraction,
@@ -290,25 +279,44 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             "gmacs_per_frame": stats.gmacs_per_frame(), "detections_per_frame": statistics.mean(counts),
             "speedup_vs_dense": dense_ms / ms, "speedup_vs_eager_fp32": eager_ms / ms,
         }
+        if profile:  # after the statistics were read: the profiled step is not counted
+            print_profile(f"{name} {dtype_name} BlockCopy tau {tau}", lambda: step(warmup + frames - 1))
         if ceiling:
             executed = round(stats.executed_fraction * n * (height // block) * (width // block))
             tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype)
             # a second shape of the same code would otherwise be compiled with dynamic shapes
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
                 tiles_trunk = compile_dense(Trunk(plain), tiles) if cuda else Trunk(plain)
-                tiles_ms = time_steps(lambda i: tiles_trunk(tiles), frames, warmup)
+                tiles_ms = median_step_ms(lambda i: tiles_trunk(tiles), frames, warmup)
             ceiling_ms = tiles_ms + row["dense_rest_ms"]
             row["blockcopy"][tau].update(ceiling_ms=ceiling_ms, ceiling_speedup=dense_ms / ceiling_ms)
         del model
         if cuda:
             torch.cuda.empty_cache()
+    # the dense side once more: what it gained from running second (cuDNN's autotuned algorithms for the ROI
+    # heads' batch sizes, allocator caches) shows as a difference to dense_ms
+    with trunk_substituted(plain, trunk):
+        row["dense_again_ms"] = median_step_ms(steps(plain, inputs, []), frames, 0)
     return [row]
 
 
+def print_profile(title: str, step) -> None:
+    """The operators of one ``step()`` that took the most device time (CPU time without CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"\n{title}: top operators\n{profiler.key_averages().table(sort_by=sort, row_limit=15)}", flush=True)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | dtype | N | engine / loop | eager fp32 ms | dense ms | dense backbone ms | dense rest ms | "
-             "tau | executed | BlockCopy ms | vs dense | vs eager fp32 | ceiling (vs dense) | of ceiling | "
-             "policy+IG+update ms | detections |", "|" + " --- |" * 17]
+    lines = ["| model | dtype | N | engine / loop | eager fp32 ms | dense eager ms | dense ms | dense again ms | "
+             "dense backbone ms | dense rest ms | tau | executed | BlockCopy ms | vs dense | vs eager fp32 | "
+             "ceiling (vs dense) | of ceiling | policy+IG+update ms | detections |", "|" + " --- |" * 19]
     for r in rows:
         for tau, b in r["blockcopy"].items():
             loop = sum(b["ms_per_stage"].get(stage, 0.0) for stage in LOOP_STAGES)
@@ -316,7 +324,8 @@ def markdown_table(rows: list[dict]) -> str:
                        if "ceiling_speedup" in b else "- | -")
             lines.append(
                 f"| {r['model']} | {r['dtype']} | {r['streams']} | {r['engine']} / {r['loop']} | "
-                f"{r['eager_fp32_ms']:.1f} | {r['dense_ms']:.1f} | {r['dense_backbone_ms']:.1f} | "
+                f"{r['eager_fp32_ms']:.1f} | {r['dense_eager_ms']:.1f} | {r['dense_ms']:.1f} | "
+                f"{r['dense_again_ms']:.1f} | {r['dense_backbone_ms']:.1f} | "
                 f"{r['dense_rest_ms']:.1f} | {tau} | {b['executed_fraction']:.3f} | {b['ms']:.1f} | "
                 f"{b['speedup_vs_dense']:.2f}x | {b['speedup_vs_eager_fp32']:.2f}x | {ceiling} | {loop:.1f} | "
                 f"{r['detections_per_frame']:.0f} / {b['detections_per_frame']:.0f} |")
@@ -343,7 +352,9 @@ def main() -> None:
                              "step, which the median ignores)")
     parser.add_argument("--eager-loop", action="store_true",
                         help="run BlockCopy's policy, information gain and update eagerly instead of captured in CUDA "
-                             "graphs and compiled (CAPTURE_LOOP, COMPILE_LOOP; RetinaNet only: Mask R-CNN's is eager)")
+                             "graphs and compiled (CAPTURE_LOOP, COMPILE_LOOP)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operators taking the most device time in one dense and one BlockCopy step")
     parser.add_argument("--json", default="benchmark_d2.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -361,13 +372,11 @@ def main() -> None:
             for n in (int(v) for v in args.streams.split(",")):
                 rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
                                 args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
-                                cuda and not args.eager_engine, cuda and not args.eager_loop)
+                                cuda and not args.eager_engine, cuda and not args.eager_loop, args.profile)
                 print(markdown_table(rows[-1:]), flush=True)
                 torch._dynamo.reset()
-    environment = {"device": torch.cuda.get_device_name() if cuda else "cpu",
-                   "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "python": platform.python_version(), "date": datetime.date.today().isoformat(),
-                   "size": f"{height}x{width}", "block": args.block, "frames": args.frames, "warmup": args.warmup}
+    environment = {**benchmark_environment(cuda), "size": f"{height}x{width}", "block": args.block,
+                   "frames": args.frames, "warmup": args.warmup}
     Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
     print(f"\n{environment}\n\n{markdown_table(rows)}")
 

@@ -25,9 +25,7 @@ Prints a table and writes a JSON file.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +43,7 @@ from mmengine.config import Config  # noqa: E402
 
 import blockcopy_mmdet  # noqa: E402,F401  (registers the models)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
+from blockcopy_core.timing import benchmark_environment, median_step_ms  # noqa: E402
 from blockcopy_mmdet.detector import predict_from_trunk, trunk_of  # noqa: E402
 
 CONFIGS = {"csp": ROOT / "configs/_base_/models/csp_r50.py", "mgan": ROOT / "configs/_base_/models/mgan_vgg16.py"}
@@ -76,23 +75,6 @@ def samples(n: int, height: int, width: int, frame_id: int) -> list[DetDataSampl
             for stream in range(n)]
 
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def time_steps(step, count: int, warmup: int) -> float:
-    """Median ms of ``step(i)`` over ``count`` calls after ``warmup`` calls, synchronised around each."""
-    for i in range(warmup):
-        step(i)
-    times = []
-    for i in range(warmup, warmup + count):
-        synchronize()
-        start = time.perf_counter()
-        step(i)
-        synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -114,14 +96,14 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
         return step
 
     trunk = trunk_of(plain)
-    eager_ms = time_steps(dense_step(trunk), frames, warmup)
+    eager_ms = median_step_ms(dense_step(trunk), frames, warmup)
     started = time.perf_counter()
     fast = compile_dense(trunk, video[0])  # checked against the eager trunk
     dense_step(fast)(0)
     compile_s = time.perf_counter() - started
-    compiled_ms = time_steps(dense_step(fast), frames, warmup)
+    compiled_ms = median_step_ms(dense_step(fast), frames, warmup)
     outputs = fast(video[0])
-    post_ms = time_steps(lambda i: predict_from_trunk(plain, outputs, metas[0]), frames, warmup)
+    post_ms = median_step_ms(lambda i: predict_from_trunk(plain, outputs, metas[0]), frames, warmup)
     row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
            "loop": "compiled" if fast_loop else "eager",
            "eager_ms": eager_ms, "compiled_ms": compiled_ms,
@@ -135,9 +117,9 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
                                                    compile_loop=fast_loop)))
         wrapped.load_state_dict(plain.state_dict())
         wrapped.to(device=device, dtype=dtype, memory_format=torch.channels_last)
-        ms = time_steps(lambda i: wrapped.predict(video[i], metas[i]), 1, warmup)  # first frame dense, warm-up
+        ms = median_step_ms(lambda i: wrapped.predict(video[i], metas[i]), 1, warmup)  # first frame dense, warm-up
         wrapped.reset_statistics()
-        ms = time_steps(lambda i: wrapped.predict(video[warmup + i], metas[warmup + i]), frames, 0)
+        ms = median_step_ms(lambda i: wrapped.predict(video[warmup + i], metas[warmup + i]), frames, 0)
         stats = wrapped.statistics
         row["blockcopy"][tau] = {
             "ms": ms, "executed_fraction": stats.executed_fraction, "selected_fraction": stats.policy_selected_fraction,
@@ -148,7 +130,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             executed = round(stats.executed_fraction * n * (height // block) * (width // block))
             tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
-            tiles_ms = time_steps(lambda i: fast(tiles), frames, warmup)
+            tiles_ms = median_step_ms(lambda i: fast(tiles), frames, warmup)
             row["blockcopy"][tau].update(ceiling_ms=tiles_ms + post_ms,
                                          ceiling_speedup=compiled_ms / (tiles_ms + post_ms))
         torch.cuda.empty_cache()
@@ -208,10 +190,8 @@ def main() -> None:
                                 not args.eager_engine, args.device == "cuda" and not args.eager_loop)
                 print(markdown_table(rows[-1:]), flush=True)
                 torch._dynamo.reset()
-    environment = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                   "torch": torch.__version__, "cuda": torch.version.cuda,
-                   "python": platform.python_version(), "date": datetime.date.today().isoformat(),
-                   "size": f"{height}x{width}", "block": args.block, "frames": args.frames, "warmup": args.warmup}
+    environment = {**benchmark_environment(args.device == "cuda"), "size": f"{height}x{width}", "block": args.block,
+                   "frames": args.frames, "warmup": args.warmup}
     Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
     print(f"\n{environment}\n\n{markdown_table(rows)}")
 
