@@ -34,6 +34,19 @@ def benchmark_environment(cuda: bool) -> dict[str, str]:
             "date": datetime.date.today().isoformat()}
 
 
+def print_top_operators(title: str, step: Callable[[], object]) -> None:
+    """The operators of one ``step()`` that took the most device time (CPU time without CUDA)."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"\n{title}: top operators\n{profiler.key_averages().table(sort_by=sort, row_limit=15)}", flush=True)
+
+
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()

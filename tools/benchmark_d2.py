@@ -62,7 +62,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import blockcopy_d2  # noqa: E402,F401  (registers the meta-architectures)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
-from blockcopy_core.timing import benchmark_environment, median_step_ms  # noqa: E402
+from blockcopy_core.timing import benchmark_environment, median_step_ms, print_top_operators  # noqa: E402
 from blockcopy_d2.config import add_blockcopy_config, merge_config_file  # noqa: E402
 
 CONFIGS = {"maskrcnn": ROOT / "configs/Cityscapes/mask_rcnn_R_50_FPN_blockcopy_tau0.3.yaml",
@@ -253,7 +253,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
         compile_s = time.perf_counter() - started
         dense_ms = median_step_ms(steps(plain, inputs, dense_counts), frames, warmup)
         if profile:
-            print_profile(f"{name} {dtype_name} dense", lambda: steps(plain, inputs, [])(warmup))
+            print_top_operators(f"{name} {dtype_name} dense", lambda: steps(plain, inputs, [])(warmup))
     backbone_ms = median_step_ms(lambda i: trunk(images), frames, warmup)
     row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
            "loop": "compiled" if configs[taus[0]].MODEL.BLOCKCOPY.CAPTURE_LOOP else "eager",
@@ -280,9 +280,9 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             "speedup_vs_dense": dense_ms / ms, "speedup_vs_eager_fp32": eager_ms / ms,
         }
         if profile:  # after the statistics were read: the profiled step is not counted
-            print_profile(f"{name} {dtype_name} BlockCopy tau {tau}", lambda: step(warmup + frames - 1))
+            print_top_operators(f"{name} {dtype_name} BlockCopy tau {tau}", lambda: step(warmup + frames - 1))
         if ceiling:
-            executed = round(stats.executed_fraction * n * (height // block) * (width // block))
+            executed = round(row["blockcopy"][tau]["executed_fraction"] * n * (height // block) * (width // block))
             tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype)
             # a second shape of the same code would otherwise be compiled with dynamic shapes
             with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
@@ -298,19 +298,6 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     with trunk_substituted(plain, trunk):
         row["dense_again_ms"] = median_step_ms(steps(plain, inputs, []), frames, 0)
     return [row]
-
-
-def print_profile(title: str, step) -> None:
-    """The operators of one ``step()`` that took the most device time (CPU time without CUDA)."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=activities) as profiler:
-        step()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    print(f"\n{title}: top operators\n{profiler.key_averages().table(sort_by=sort, row_limit=15)}", flush=True)
 
 
 def markdown_table(rows: list[dict]) -> str:

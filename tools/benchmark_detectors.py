@@ -43,7 +43,7 @@ from mmengine.config import Config  # noqa: E402
 
 import blockcopy_mmdet  # noqa: E402,F401  (registers the models)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
-from blockcopy_core.timing import benchmark_environment, median_step_ms  # noqa: E402
+from blockcopy_core.timing import benchmark_environment, median_step_ms, print_top_operators  # noqa: E402
 from blockcopy_mmdet.detector import predict_from_trunk, trunk_of  # noqa: E402
 
 CONFIGS = {"csp": ROOT / "configs/_base_/models/csp_r50.py", "mgan": ROOT / "configs/_base_/models/mgan_vgg16.py"}
@@ -80,7 +80,7 @@ def samples(n: int, height: int, width: int, frame_id: int) -> list[DetDataSampl
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
             warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool,
-            fast_loop: bool) -> list[dict]:
+            fast_loop: bool, profile: bool = False) -> list[dict]:
     dtype = DTYPES[dtype_name]
     detector_cfg = Config.fromfile(str(CONFIGS[name])).model
     torch.manual_seed(0)
@@ -102,6 +102,8 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     dense_step(fast)(0)
     compile_s = time.perf_counter() - started
     compiled_ms = median_step_ms(dense_step(fast), frames, warmup)
+    if profile:
+        print_top_operators(f"{name} {dtype_name} N={n} compiled dense", lambda: dense_step(fast)(0))
     outputs = fast(video[0])
     post_ms = median_step_ms(lambda i: predict_from_trunk(plain, outputs, metas[0]), frames, warmup)
     row = {"model": name, "dtype": dtype_name, "streams": n, "engine": "compiled" if compile_engine else "eager",
@@ -126,8 +128,12 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             "ms_per_stage": stats.ms_per_frame(), "gmacs_per_frame": stats.gmacs_per_frame(),
             "speedup_vs_compiled": compiled_ms / ms, "speedup_vs_eager": eager_ms / ms,
         }
+        if profile:  # after the statistics were read: the profiled step is not counted
+            last = warmup + frames - 1
+            print_top_operators(f"{name} {dtype_name} N={n} BlockCopy tau {tau}",
+                                lambda: wrapped.predict(video[last], metas[last]))
         if ceiling:  # compiles the network once more, for the tile batch's shape
-            executed = round(stats.executed_fraction * n * (height // block) * (width // block))
+            executed = round(row["blockcopy"][tau]["executed_fraction"] * n * (height // block) * (width // block))
             tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
             tiles_ms = median_step_ms(lambda i: fast(tiles), frames, warmup)
@@ -174,6 +180,8 @@ def main() -> None:
     parser.add_argument("--eager-loop", action="store_true",
                         help="run BlockCopy's policy, information gain and update eagerly instead of captured in "
                              "CUDA graphs and compiled (capture_loop, compile_loop)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the operators taking the most device time in one dense and one BlockCopy step")
     parser.add_argument("--json", default="benchmark_detectors.json")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -187,7 +195,7 @@ def main() -> None:
             for n in (int(v) for v in args.streams.split(",")):
                 rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
                                 args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
-                                not args.eager_engine, args.device == "cuda" and not args.eager_loop)
+                                not args.eager_engine, args.device == "cuda" and not args.eager_loop, args.profile)
                 print(markdown_table(rows[-1:]), flush=True)
                 torch._dynamo.reset()
     environment = {**benchmark_environment(args.device == "cuda"), "size": f"{height}x{width}", "block": args.block,
