@@ -361,7 +361,7 @@ class BlockCopy(nn.Module):
             The frame's :class:`StepResult`.
         """
         if self._replays_loop(frames, decodes=True):
-            return self._step_captured(self._loop, frames)
+            return self._step_captured(frames)
         grid = self.select(frames)
         seconds: dict[str, float] = {}
         outputs = self._run_network(frames, grid, seconds)
@@ -375,9 +375,6 @@ class BlockCopy(nn.Module):
         return (loop is not None and loop.decodes == decodes and self._prev_result is not None
                 and self._selection is None and loop.matches(frames, self.policy.training))
 
-    def _captures_loop(self, device: torch.device) -> bool:
-        return self.config.capture_loop and device.type == "cuda"
-
     def _run_network(self, frames: torch.Tensor, grid: torch.Tensor, seconds: dict[str, float]) -> Any:
         """The block-sparse model on ``grid``, timed as ``network`` and ``sparse_overhead``."""
         with self._timed("network", seconds, frames.device):
@@ -388,22 +385,35 @@ class BlockCopy(nn.Module):
             seconds["network"] -= overhead
         return outputs
 
-    def _step_captured(self, loop: CapturedLoop, frames: torch.Tensor) -> StepResult:
-        """:meth:`step` of a policy frame with the captured loop: the same stages, each a graph replay."""
-        seconds: dict[str, float] = {}
-        device = frames.device
-        with self._timed("policy", seconds, device):
-            grid = loop.select(frames, self._sparse.frame_state, self._prev_masks, self._prev_grid, self._prev_result)
-            executed = grid.clone()
-        outputs = self._run_network(frames, grid, seconds)
-        with self._timed("postprocess", seconds, device):
-            result = clone_tensors(loop.postprocess(self._sparse.output_state))
+    def _step_captured(self, frames: torch.Tensor) -> StepResult:
+        """:meth:`step` of a policy frame with a captured loop that decodes: the same stages, each a graph
+        replay."""
+        selection = self._select_captured(frames)
+        seconds = selection.seconds
+        outputs = self._run_network(frames, selection.grid, seconds)
+        with self._timed("postprocess", seconds, frames.device):
+            result = clone_tensors(self._loop.postprocess(self._sparse.output_state))
+        return self._finish_captured(selection, outputs, result, self._sparse.last_stats, seconds)
+
+    def _select_captured(self, frames: torch.Tensor) -> _Selection:
+        """The frame's grid from the captured loop's policy graph (timed as ``policy``)."""
+        loop, seconds = self._loop, {}
+        with self._timed("policy", seconds, frames.device):
+            grid = loop.select(frames, self._sparse.frame_state, self._prev_masks, self._prev_grid,
+                               self._prev_result).clone()
+        return _Selection(grid, False, (frames.shape[-2], frames.shape[-1]), loop.policy_macs, seconds,
+                          self._sparse.last_stats, time.perf_counter(), frames, captured=True)
+
+    def _finish_captured(self, selection: _Selection, outputs: Any, result: Any, frame_stats: FrameStats,
+                         seconds: dict[str, float]) -> StepResult:
+        """The rest of a captured frame after its postprocessing graph: block IG, rewards and update."""
+        loop, device = self._loop, selection.grid.device
         with self._timed("information_gain", seconds, device):
             block_ig = loop.information_gain().clone()
         with self._timed("update", seconds, device):
             policy_stats = loop.update()
         self._prev_result, self._prev_masks, self._prev_grid = loop.prev_result, loop.prev_masks, loop.prev_grid
-        step = StepResult(outputs, result, executed, False, block_ig, None, self._sparse.last_stats, loop.policy_macs,
+        step = StepResult(outputs, result, selection.grid, False, block_ig, None, frame_stats, selection.policy_macs,
                           policy_stats, seconds)
         self._statistics.add(step)
         return step
@@ -429,13 +439,8 @@ class BlockCopy(nn.Module):
             InvalidInputError: frames of the wrong shape or channel count.
         """
         if self._replays_loop(frames, decodes=False):
-            loop, seconds = self._loop, {}
-            with self._timed("policy", seconds, frames.device):
-                grid = loop.select(frames, self._sparse.frame_state, self._prev_masks, self._prev_grid,
-                                   self._prev_result).clone()
-            self._selection = _Selection(grid, False, (frames.shape[-2], frames.shape[-1]), loop.policy_macs, seconds,
-                                         self._sparse.last_stats, time.perf_counter(), frames, captured=True)
-            return grid
+            self._selection = self._select_captured(frames)
+            return self._selection.grid
         if self._loop is not None:
             self._loop.drain()  # the eager loop touches the gradients a captured backward pass may still fill
         if self._selection is not None:
@@ -505,9 +510,11 @@ class BlockCopy(nn.Module):
             seconds = {"network": time.perf_counter() - selection.selected_at}
         seconds = {**selection.seconds, **seconds}
         frame_size = selection.frame_size
-        if selection.captured:
-            return self._observe_captured(selection, result, outputs, frame_stats, seconds)
-        capture = self._captures_loop(device)
+        if selection.captured:  # O_t of the padded result as a graph replay, then the rest of the loop
+            with self._timed("postprocess", seconds, device, accumulate=True):
+                self._loop.postprocess(self.adapter.fixed_result(result, frame_size))
+            return self._finish_captured(selection, outputs, result, frame_stats, seconds)
+        capture = self.config.capture_loop and device.type == "cuda"
         # fed results, the captured loop sees them in fixed shapes: so does every frame, for the same policy inputs
         seen = self.adapter.fixed_result(result, frame_size) if capture and not decoded_by_loop else result
         with self._timed("postprocess", seconds, device, accumulate=True):
@@ -524,28 +531,11 @@ class BlockCopy(nn.Module):
                           selection.policy_macs, policy_stats, seconds)
         self._statistics.add(step)
         if capture:
-            loop_outputs = outputs if decoded_by_loop else None
             key = loop_key(self, selection.frames, self._sparse.output_state if decoded_by_loop else seen,
                            decoded_by_loop)
             if self._loop is None or self._loop.key != key:
-                self._loop = CapturedLoop(self, selection.frames, loop_outputs, seen, masks,
+                self._loop = CapturedLoop(self, selection.frames, seen, masks, decodes=decoded_by_loop,
                                           compile=self.config.compile_loop)
-        return step
-
-    def _observe_captured(self, selection: _Selection, result: Any, outputs: Any, frame_stats: FrameStats,
-                          seconds: dict[str, float]) -> StepResult:
-        """:meth:`observe` of a frame the captured loop selected: O_t, IG and update as graph replays."""
-        loop, device = self._loop, selection.grid.device
-        with self._timed("postprocess", seconds, device, accumulate=True):
-            loop.postprocess(self.adapter.fixed_result(result, selection.frame_size))
-        with self._timed("information_gain", seconds, device):
-            block_ig = loop.information_gain().clone()
-        with self._timed("update", seconds, device):
-            policy_stats = loop.update()
-        self._prev_result, self._prev_masks, self._prev_grid = loop.prev_result, loop.prev_masks, loop.prev_grid
-        step = StepResult(outputs, result, selection.grid, False, block_ig, None, frame_stats, selection.policy_macs,
-                          policy_stats, seconds)
-        self._statistics.add(step)
         return step
 
     def _count_policy_macs(self, observation: PolicyObservation) -> int:

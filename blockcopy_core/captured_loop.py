@@ -98,17 +98,17 @@ class CapturedLoop:
     Args:
         owner: the :class:`BlockCopy` whose policy (a :class:`ReinforcePolicy`) and adapter the graphs run.
         frames: (N, C, H, W) frames of the model's input.
-        outputs: the model's outputs for them (the engine's ``output_state``), to decode in the graphs; or
-            None where the caller decodes (:meth:`BlockCopy.observe`): the graphs then start from the
-            result, in the adapter's fixed shapes.
         result, masks: the frames' result (fixed shapes) and O_t.
+        decodes: the graphs decode the network's outputs (the engine's ``output_state``); otherwise the
+            caller decodes (:meth:`BlockCopy.observe`) and the graphs start from its result, in the
+            adapter's fixed shapes.
         compile: compile the stages before capturing them (``compile_seconds`` says how long it took).
     """
 
-    def __init__(self, owner: "BlockCopy", frames: torch.Tensor, outputs: Any, result: Any,
-                 masks: torch.Tensor, compile: bool = False) -> None:
+    def __init__(self, owner: "BlockCopy", frames: torch.Tensor, result: Any, masks: torch.Tensor, *,
+                 decodes: bool, compile: bool = False) -> None:
         self.owner = owner
-        self.decodes = outputs is not None
+        self.decodes = decodes
         # what the postprocessing graph reads: refreshed before each replay unless already this tensor
         self.source = owner.sparse.output_state if self.decodes else clone_tensors(result)
         self.key = loop_key(owner, frames, self.source, self.decodes)

@@ -142,13 +142,9 @@ def mask_information_gain(
     if masks.shape[1:] != prev_masks.shape[1:]:
         raise ValueError(f"masks are {tuple(masks.shape[1:])} but prev_masks are "
                          f"{tuple(prev_masks.shape[1:])}")
-    masks, prev_masks = _binarise(masks), _binarise(prev_masks)
-    dtype = _float_dtype(scores, prev_scores)
-    iou = _mask_iou(masks, prev_masks).to(dtype)
-    iou = _restrict_pairs(iou, labels, prev_labels)
-    values, prev_values = _matched_values(iou, scores.to(dtype), prev_scores.to(dtype))
-    ig = _paint_masks(masks, values, dtype)
-    return torch.maximum(ig, _paint_masks(prev_masks, prev_values, dtype))
+    labels, prev_labels = (None, None) if labels is None else (labels[None], prev_labels[None])
+    return padded_mask_information_gain(masks[None], scores[None], prev_masks[None], prev_scores[None],
+                                        labels=labels, prev_labels=prev_labels)[0]
 
 
 def semantic_information_gain(probs: torch.Tensor, prev_probs: torch.Tensor,

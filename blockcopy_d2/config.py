@@ -50,7 +50,7 @@ def add_blockcopy_config(cfg: CN) -> None:
     _C.WARMUP_CLIPS = defaults.warmup_clips
     # Keep updating the policy while evaluating (as the method does).
     _C.ONLINE_LEARNING = defaults.online_learning
-    # On CUDA, replay the policy, O_t, information gain and update as CUDA graphs ("rl" policy; box IG only).
+    # On CUDA, replay the policy, O_t, information gain and update as CUDA graphs ("rl" policy only).
     _C.CAPTURE_LOOP = defaults.capture_loop
     # With CAPTURE_LOOP, compile those stages with inductor first (seconds of compilation per clip shape).
     _C.COMPILE_LOOP = defaults.compile_loop

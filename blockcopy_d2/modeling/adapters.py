@@ -92,7 +92,7 @@ class InstancesAdapter(DetectionAdapter):
         detections = self.detect(result, frame_size)
         if not self.use_masks:
             return super().output_masks(detections, frame_size)
-        rows, cols = frame_size[0] // self.stride, frame_size[1] // self.stride
+        rows, cols = self._map_size(frame_size)
         if capturing(detections[0]["scores"].device):
             masks, scores, labels, valid = self._padded_instances(detections, frame_size)
             painted = masks.float() * torch.where(valid, scores.float(), 0.0)[..., None, None]
