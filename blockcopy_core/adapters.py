@@ -328,7 +328,10 @@ class DetectionAdapter(OutputAdapter):
 
     def _relevance(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Bool mask of the detections IG and O_t use, any shape."""
-        return (scores >= self.score_threshold) & torch.isin(labels, self._class_ids.on(labels.device))
+        # compared with each class id, not torch.isin: isin sorts with a host read for larger inputs, which a
+        # CUDA graph cannot capture
+        listed = (labels[..., None] == self._class_ids.on(labels.device)).any(-1)
+        return (scores >= self.score_threshold) & listed
 
     def _policy_detections(self, detections: Detections) -> dict[str, torch.Tensor | None]:
         """The streams' detections padded to one count, boxes in IG-map cells, ``valid`` marking the

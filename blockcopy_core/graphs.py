@@ -127,6 +127,20 @@ def graphed(fn: Callable[[Any], object], example: Any) -> Callable[[Any], object
     return call
 
 
+def graphed_by_shape(fn: Callable[[Any], object]) -> Callable[[Any], object]:
+    """``fn`` as :func:`graphed` calls, one CUDA graph per shape, dtype and device of the argument
+    (captured on the first call with it)."""
+    graphs: dict[str, Callable[[Any], object]] = {}
+
+    def call(x):
+        key = _describe(x)
+        if key not in graphs:
+            graphs[key] = graphed(fn, x)
+        return graphs[key](x)
+
+    return call
+
+
 def _describe(tree: Any) -> str:
     """Shapes, dtypes and devices of the tensors of ``tree``, in its structure."""
     return str(pytree.tree_map(lambda t: f"{tuple(t.shape)} {t.dtype} on {t.device}"

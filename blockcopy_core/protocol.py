@@ -25,7 +25,7 @@ from .adapters import OutputAdapter
 from .captured_loop import captured_function
 from .blockcopy import RunStatistics, StepResult
 from .engine import FrameStats
-from .graphs import clone_tensors, graphed
+from .graphs import graphed, graphed_by_shape
 from .macs import count_macs
 
 Prepare = Callable[[torch.Tensor], torch.Tensor]
@@ -48,8 +48,8 @@ class DenseRunner:
     """The unchanged model on every full frame, with BlockCopy's ``step``/``statistics`` interface.
 
     On CUDA the model runs as one CUDA graph, as the block-sparse runs do, so that their times compare.
-    With ``compile=True`` it runs under ``torch.compile`` instead (inductor with freezing; on CUDA mode
-    "reduce-overhead", i.e. CUDA graphs): the dense side of a comparison with a block-sparse model
+    With ``compile=True`` it runs under ``torch.compile`` instead (:func:`compile_dense`: inductor with
+    freezing, on CUDA in a CUDA graph): the dense side of a comparison with a block-sparse model
     converted with ``compile=True``. It compiles on the first frame. With ``compile=True`` and an adapter
     whose decoding has fixed shapes (``adapter.capturable``), the decoding is compiled too and, on CUDA,
     replayed as a CUDA graph, as BlockCopy's captured loop (``compile_loop``) decodes.
@@ -117,9 +117,12 @@ class DenseRunner:
 
 
 def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float | None = None):
-    """``model`` under ``torch.compile``: inductor with freezing (BatchNorm folded into the weights) and,
-    on CUDA, mode "reduce-overhead" (CUDA graphs), compiled on ``example``. Each call returns copies of
-    the outputs (CUDA-graph outputs are overwritten by the next call).
+    """``model`` under ``torch.compile``: inductor with freezing (BatchNorm folded into the weights),
+    compiled on ``example``; on CUDA each input shape's compiled program is captured once as a CUDA graph
+    (:func:`graphs.graphed_by_shape`), and each call returns copies of the outputs (a replay overwrites
+    them). Our own capture rather than mode "reduce-overhead": its CUDA-graph trees keep per-call
+    bookkeeping on the host, which showed as 2-7 ms more per frame when the frame's post-processing is
+    host-bound (Detectron2's RetinaNet and Mask R-CNN on an H200, docs/benchmarks.md).
 
     The compiled outputs on ``example`` are checked against the eager model's, within ``rtol`` of the
     largest output (default 1e-3 in fp32, 2e-2 in fp16/bf16 and in fp32 on CUDA with TF32 convolutions,
@@ -134,11 +137,12 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
         rtol = 1e-3 if example.dtype in (torch.float32, torch.float64) and not tf32 else 2e-2
     expected = model(example)
     for freezing in (True, False):
-        # the options of mode "reduce-overhead" on CUDA; compilations with other options are cached apart
-        fast = torch.compile(model, options={"freezing": freezing, "triton.cudagraphs": example.is_cuda})
+        fast = torch.compile(model, options={"freezing": freezing})
+        if example.is_cuda:
+            fast = graphed_by_shape(fast)
         error = relative_error(fast(example), expected)
         if error <= rtol:
-            return lambda frames: clone_tensors(fast(frames))
+            return fast
         if freezing:
             warnings.warn(f"torch.compile with freezing computes wrong outputs for this model (relative error "
                           f"{error:.2g} > {rtol:g}); compiling it without freezing", RuntimeWarning, stacklevel=2)

@@ -19,12 +19,28 @@ def median_step_ms(step: Callable[[int], object], count: int, warmup: int) -> fl
         step(i)
     times = []
     for i in range(warmup, warmup + count):
-        _synchronize()
+        synchronize()
         start = time.perf_counter()
         step(i)
-        _synchronize()
+        synchronize()
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times)
+
+
+def interleaved_step_ms(steps: dict[str, Callable[[int], object]], count: int, start: int) -> dict[str, float]:
+    """Median wall time in ms of each of ``steps`` (name: ``step(i)``), for i = start .. start + count - 1,
+    the steps taking turns within each i, CUDA synchronised around each call as in :func:`median_step_ms`.
+    Taking turns cancels slow drifts of the machine (host clock, other work on it) that would otherwise fall
+    on one side of a comparison; nothing is run untimed."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(start, start + count):
+        for name, step in steps.items():
+            synchronize()
+            began = time.perf_counter()
+            step(i)
+            synchronize()
+            times[name].append(1e3 * (time.perf_counter() - began))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def benchmark_environment(cuda: bool) -> dict[str, str]:
@@ -47,7 +63,8 @@ def print_top_operators(title: str, step: Callable[[], object]) -> None:
     print(f"\n{title}: top operators\n{profiler.key_averages().table(sort_by=sort, row_limit=15)}", flush=True)
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
+    """Wait for the current CUDA device's work, if there is a CUDA device."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 

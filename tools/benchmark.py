@@ -5,8 +5,9 @@ For each model, dtype, batch N (streams) and executed fraction f, three per-fram
 with CUDA events as the median over ``--frames`` frames after ``--warmup`` frames:
 
 - compiled dense: the strongest dense baseline a user would pick, the same model compiled with
-  ``torch.compile`` (inductor, ``freezing``: BatchNorm folded into the convolutions, mode
-  "reduce-overhead": CUDA graphs), same dtype and channels_last; speed-ups are quoted against it;
+  ``torch.compile`` (inductor, ``freezing``: BatchNorm folded into the convolutions) in a CUDA graph
+  (:func:`blockcopy_core.protocol.compile_dense`), same dtype and channels_last; speed-ups are quoted
+  against it;
 - dense (eager + graph): the model run eagerly inside one CUDA graph (channels_last, the given dtype),
   frames copied into its static input and the output copied out, as a video loop would;
 - block-sparse: ``blockcopy_core.convert(model, block)`` on random grids executing round(f * B) blocks

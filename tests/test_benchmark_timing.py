@@ -1,0 +1,49 @@
+"""The benchmarks' timing helpers: steps taking turns (blockcopy_core.timing) and the Detectron2 stage timer
+of tools/benchmark_d2.py, which must leave the model as it was."""
+import importlib.util
+
+import pytest
+import torch
+
+from blockcopy_core.paths import REPO_ROOT
+from blockcopy_core.timing import interleaved_step_ms
+
+
+def test_interleaved_steps_take_turns_on_each_index():
+    calls = []
+    medians = interleaved_step_ms({"dense": lambda i: calls.append(("dense", i)),
+                                   "sparse": lambda i: calls.append(("sparse", i))}, 3, 5)
+    assert calls == [("dense", 5), ("sparse", 5), ("dense", 6), ("sparse", 6), ("dense", 7), ("sparse", 7)]
+    assert set(medians) == {"dense", "sparse"} and all(ms >= 0 for ms in medians.values())
+
+
+def _benchmark_d2():
+    pytest.importorskip("detectron2")
+    spec = importlib.util.spec_from_file_location("benchmark_d2", REPO_ROOT / "tools" / "benchmark_d2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["maskrcnn", "retinanet"])
+def test_stage_timer_times_each_stage_and_restores_the_model(name):
+    bench = _benchmark_d2()
+    cfg = bench.blockcopy_config(name, 0.3, 128, torch.device("cpu"), False, False)
+    torch.manual_seed(0)
+    from detectron2.modeling import build_model
+    model = build_model(bench.plain_config(cfg)).eval()
+    frame = bench.synthetic_video(1, 1, 128, 256)[0].float()
+    inputs = bench.batched_inputs(frame, clip=False)
+    with torch.no_grad():
+        expected = model(inputs)
+        with bench.stage_timer(model) as times:
+            timed = model(inputs)
+        untimed = model(inputs)
+    stages = {"maskrcnn": {"preprocess_image", "backbone", "proposal_generator", "roi_heads", "box_pooler",
+                           "box_head", "box_predictor", "_forward_box", "mask_pooler", "mask_head", "_forward_mask"},
+              "retinanet": {"preprocess_image", "backbone", "head", "forward_inference"}}[name]
+    assert set(times) == stages and all(len(v) == 1 and v[0] >= 0 for v in times.values())
+    for outputs in (timed, untimed):
+        torch.testing.assert_close(outputs[0]["instances"].scores, expected[0]["instances"].scores)
+    # nothing of the timer is left on the model: methods and forwards are the classes' own again
+    assert "forward" not in vars(model.backbone) and "preprocess_image" not in vars(model)
