@@ -214,19 +214,22 @@ def test_a_bucket_that_fails_to_compile_runs_eagerly(monkeypatch):
         assert sparse.warmup([0.5, 1.0]) == {4: None, "dense": None}
 
 
-def test_compiled_taps_of_a_dilation_beyond_the_tile():
-    """On the CPU a convolution dilated beyond the tile reads one window per kernel tap, also in a traced
-    frame (there as slices of the halo gather, which inductor computes only where they are read)."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.usefixtures("no_tf32")
+def test_compiled_taps_of_a_dilation_beyond_the_tile(device):
+    """A convolution dilated beyond the tile reads one window per kernel tap (on the CPU also eagerly); a
+    traced frame reads them with one masked indexing op (tiles.gather_tap_windows_reference)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=20, dilation=20, groups=2),
-                          nn.Conv2d(6, 4, (3, 5), padding=(17, 36), dilation=(17, 18))).eval()
+                          nn.Conv2d(6, 4, (3, 5), padding=(17, 36), dilation=(17, 18))).eval().to(device)
     compiled, eager = bc.convert(model, 16, compile=True), bc.convert(model, 16)
-    full = torch.ones(2, 1, 2, 3, dtype=torch.bool)
-    x = torch.randn(2, 3, 32, 48)
+    full = torch.ones(2, 1, 2, 3, dtype=torch.bool, device=device)
+    x = torch.randn(2, 3, 32, 48, device=device)
     compiled(x, full)
     eager(x, full)
     with torch.no_grad():
-        for grid in grids_with(4, full.shape, 2, "cpu"):
+        for grid in grids_with(4, full.shape, 2, device):
             x = x + torch.randn_like(x)
             out = compiled(x, grid)
             assert rel_error(out, eager(x, compiled.executed_grid)) <= TOLERANCE[torch.float32]

@@ -80,6 +80,8 @@ def test_cpu_tile_copies_equal_the_reference(memory_format, border, value, dtype
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_cpu_tap_windows_equal_slices_of_the_halo_gather(memory_format, cpu_path):
+    """The CPU kernels' tap windows and the masked-indexing reference (what compiled frames trace) both equal
+    the definition: T x T slices of the halo'd tile, tap (a, b) at rows a*T and columns b*T."""
     t = 4
     state = torch.randn(2, 3, 3 * t, 4 * t).contiguous(memory_format=memory_format)
     index = TileIndex.from_grid(torch.rand(2, 1, 3, 4) < 0.6)
@@ -87,7 +89,12 @@ def test_cpu_tap_windows_equal_slices_of_the_halo_gather(memory_format, cpu_path
         fast = gather_tap_windows(state, index, t, kernel, dilation, before)
         with reference_moves():
             reference = gather_tap_windows(state, index, t, kernel, dilation, before)
-        assert torch.equal(fast, reference) and fast.is_contiguous(memory_format=memory_format)
+        (k_h, k_w), (d_h, d_w), (p_h, p_w) = kernel, dilation, before
+        grown = gather_tiles_reference(state, index, t, (p_w, d_w * (k_w - 1) - p_w, p_h, d_h * (k_h - 1) - p_h))
+        slices = torch.cat([torch.cat([grown[..., a * d_h:a * d_h + t, b * d_w:b * d_w + t] for b in range(k_w)],
+                                      dim=-1) for a in range(k_h)], dim=-2)
+        assert torch.equal(reference, slices) and torch.equal(fast, slices)
+        assert fast.is_contiguous(memory_format=memory_format) and reference.is_contiguous(memory_format=memory_format)
 
 
 def test_scatter_writes_exactly_the_executed_blocks():

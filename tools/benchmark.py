@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Dense vs block-sparse speed of the same model, in one run, on a CUDA GPU.
+"""Dense vs block-sparse speed of the same model, in one run, on a CUDA GPU (or, ``--device cpu``, on the
+CPU with ``--threads`` threads: no CUDA graphs there, each model runs as it is or compiled).
 
-For each model, dtype, batch N (streams) and executed fraction f, three per-frame times are measured
-with CUDA events as the median over ``--frames`` frames after ``--warmup`` frames:
+For each model, dtype, batch N (streams) and executed fraction f, these per-frame times are measured
+with CUDA events (on the CPU: wall time) as the median over ``--frames`` frames after ``--warmup`` frames:
 
 - compiled dense: the strongest dense baseline a user would pick, the same model compiled with
   ``torch.compile`` (inductor, ``freezing``: BatchNorm folded into the convolutions) in a CUDA graph
@@ -19,11 +20,16 @@ with CUDA events as the median over ``--frames`` frames after ``--warmup`` frame
   and the CUDA graphs' memory pool), after the timed frames;
 - tiles only: the same model (CUDA graph) on the batch of executed tiles alone, with plain zero padding
   and no state: the convolution time the sparse run cannot avoid. ``sparse - tiles`` is the engine's
-  overhead (state scatter, halo gathers, output scatter, bucket bookkeeping), as in the paper's Table 3.
+  overhead (state scatter, halo gathers, output scatter, bucket bookkeeping), as in the paper's Table 3;
+- compiled tiles only (with the compiled block-sparse engine): the tile batch through ``compile_dense``,
+  the ceiling of the compiled engine; ``compiled sparse - compiled tiles`` is its overhead.
 
 With ``--profile``, one eager sparse frame per configuration is also run under the PyTorch profiler
 and its GPU kernel time is split into convolutions, the engine's tile kernels (gather / scatter /
-state) and everything else (norms, activations, pooling, bookkeeping).
+state) and everything else (norms, activations, pooling, bookkeeping). On the CPU, one frame each of
+the compiled dense model, the eager engine and the compiled engine is split into convolution operators
+and the rest (``cpu_ms_*`` in the JSON): a block-sparse frame's rest holds its tile moves together with
+its elementwise work (norms, activations, adds), which the dense frame's rest shows on the whole frame.
 
 Prints a table and writes a JSON file.
 """
@@ -44,6 +50,7 @@ from tqdm import tqdm
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
 from blockcopy_core.protocol import compile_dense, relative_error
+from blockcopy_core.timing import median_step_ms, synchronize
 
 def torchvision_trunk(name: str) -> torch.nn.Module:
     """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
@@ -70,10 +77,27 @@ def detectron2_r50_fpn() -> torch.nn.Module:
     return build_backbone(cfg)
 
 
+def deeplabv3_resnet50() -> torch.nn.Module:
+    """torchvision's DeepLabV3-ResNet50 (output stride 8, ASPP with dilations 12 / 24 / 36, the logits
+    resized to the frame), random weights, no auxiliary head: the large-halo case of the engine."""
+    return torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, aux_loss=False)
+
+
+def centernet_mobilenetv3() -> torch.nn.Module:
+    """The main job's CenterNet-MobileNetV3 (``blockcopy_core.models.centernet``), random weights: a small,
+    latency-bound network whose depthwise convolutions and squeeze-excitation make the tile moves weigh
+    more than in a ResNet."""
+    from blockcopy_core.models.centernet import CenterNetMobileNetV3
+
+    return CenterNetMobileNetV3()
+
+
 TRUNKS = {
     "resnet50": lambda: torchvision_trunk("resnet50"),
     "resnet101": lambda: torchvision_trunk("resnet101"),
     "d2_r50_fpn": detectron2_r50_fpn,
+    "deeplabv3_resnet50": deeplabv3_resnet50,
+    "centernet_mobilenetv3": centernet_mobilenetv3,
 }
 
 
@@ -82,7 +106,11 @@ def trunk(name: str) -> torch.nn.Module:
     return TRUNKS[name]().eval()
 
 
-def median_ms(step, frames: int, warmup: int) -> float:
+def median_ms(step, frames: int, warmup: int, cuda: bool = True) -> float:
+    """Median ms of ``step(warmup .. warmup + frames - 1)`` after ``step(0 .. warmup - 1)``: CUDA events for
+    work on a GPU, wall time for work on the CPU."""
+    if not cuda:
+        return median_step_ms(step, frames, warmup)
     for i in range(warmup):
         step(i)
     times = []
@@ -120,6 +148,19 @@ def kernel_breakdown(sparse, frames: torch.Tensor, grid: torch.Tensor) -> dict[s
     return totals
 
 
+def cpu_time_split(step) -> dict[str, float]:
+    """One ``step()`` on the CPU under the profiler: ms in convolution operators (oneDNN, THNN, dilated) and
+    in everything else (inductor's generated code, tile moves, elementwise ops, bookkeeping)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        started = time.perf_counter()
+        step()
+        total = 1e3 * (time.perf_counter() - started)
+    convolution = sum(e.self_cpu_time_total for e in prof.key_averages() if "conv" in e.key.lower()) / 1e3
+    return {"convolution": convolution, "other": total - convolution}
+
+
 def random_grids(count: int, n: int, gh: int, gw: int, fraction: float, device) -> list[torch.Tensor]:
     """Grids executing exactly round(fraction * B) random blocks per stream."""
     per_stream = round(fraction * gh * gw)
@@ -133,66 +174,89 @@ def random_grids(count: int, n: int, gh: int, gw: int, fraction: float, device) 
 
 
 @torch.no_grad()
-def compiled_ms(model, video, frames: int, warmup: int) -> tuple[float, float]:
-    """(median ms per frame, compile seconds) of ``model`` under ``torch.compile`` with inductor,
-    freezing and CUDA graphs (``blockcopy_core.protocol.compile_dense``: checked against the eager model)."""
+def compiled_ms(model, video, frames: int, warmup: int, split: bool = False) -> tuple[float, float, dict]:
+    """(median ms per frame, compile seconds, :func:`cpu_time_split` of a frame if ``split``) of ``model``
+    under ``torch.compile`` with inductor and freezing, on CUDA in a CUDA graph
+    (``blockcopy_core.protocol.compile_dense``: checked against the eager model)."""
     started = time.perf_counter()
     fast = compile_dense(model, video[0])
-    torch.cuda.synchronize()
+    synchronize()
     compile_seconds = time.perf_counter() - started
-    ms = median_ms(lambda i: fast(video[i % len(video)]), frames, warmup)
+    ms = median_ms(lambda i: fast(video[i % len(video)]), frames, warmup, video[0].is_cuda)
+    times = cpu_time_split(lambda: fast(video[1])) if split else {}
     torch._dynamo.reset()
-    return ms, compile_seconds
+    return ms, compile_seconds, times
 
 
 @torch.no_grad()
-def compiled_sparse_ms(model, eager, video, grids, block, frames: int, warmup: int, fraction: float) -> dict:
-    """Time ``convert(model, block, compile=True)`` on the grids, and compare one frame with ``eager``."""
+def compiled_sparse_ms(model, eager, video, grids, block, frames: int, warmup: int, fraction: float,
+                       tiles: torch.Tensor, split: bool = False) -> dict:
+    """Time ``convert(model, block, compile=True)`` on the grids, compare one frame with ``eager``, and time
+    the compiled model on ``tiles`` (the executed tiles: the compiled engine's ceiling); with ``split``
+    also :func:`cpu_time_split` of one compiled frame."""
     n, _, height, width = video[0].shape
     full = torch.ones(n, 1, height // block, width // block, dtype=torch.bool, device=video[0].device)
     fast = bc.convert(model, block, compile=True)
     fast(video[0], full)
     compile_seconds = sum(fast.warmup([fraction]).values())
-    ms = median_ms(lambda i: fast(video[i % 4], grids[i % 16]), frames, warmup)
+    cuda = video[0].is_cuda
+    ms = median_ms(lambda i: fast(video[i % 4], grids[i % 16]), frames, warmup, cuda)
+    times = cpu_time_split(lambda: fast(video[2], grids[1])) if split else {}
     for engine in (fast, eager):
         engine.reset()
         engine(video[0], full)
     out = fast(video[1], grids[0])
     error = relative_error(out, eager(video[1], fast.executed_grid))
-    return {"compiled_sparse_ms": ms, "sparse_compile_seconds": compile_seconds, "compiled_rel_error": error}
+    # a second shape of the same model would otherwise be compiled with dynamic shapes
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+        tiles_only = compile_dense(model, tiles)
+        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, cuda)
+    torch._dynamo.reset()
+    return {"compiled_sparse_ms": ms, "sparse_compile_seconds": compile_seconds, "compiled_rel_error": error,
+            "compiled_tiles_only_ms": tiles_ms, "compiled_overhead_ms": ms - tiles_ms,
+            **{f"cpu_ms_compiled_sparse_{kind}": v for kind, v in times.items()}}
 
 
 @torch.no_grad()
 def measure(model_name, dtype, n, fractions, height, width, block, frames, warmup, profile,
-            compile_dense, compile_sparse) -> list[dict]:
-    device = torch.device("cuda")
+            compile_dense, compile_sparse, device: torch.device) -> list[dict]:
+    cuda = device.type == "cuda"
     model = trunk(model_name).to(device=device, dtype=dtype, memory_format=torch.channels_last)
     video = [torch.randn(n, 3, height, width, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last) for _ in range(4)]
-    dense = graphed(model, video[0])
-    dense_ms = median_ms(lambda i: dense(video[i % 4]), frames, warmup)
+    dense = graphed(model, video[0]) if cuda else model
+    dense_ms = median_ms(lambda i: dense(video[i % 4]), frames, warmup, cuda)
     dense_macs = bc.count_macs(model, video[0])
-    best_ms, compile_seconds = compiled_ms(model, video, frames, warmup) if compile_dense else (dense_ms, 0.0)
+    split = profile and not cuda
+    best_ms, compile_seconds, dense_split = compiled_ms(model, video, frames, warmup, split) if compile_dense \
+        else (dense_ms, 0.0, {})
 
     gh, gw = height // block, width // block
     rows = []
     for fraction in fractions:
         gc.collect()  # free the previous fraction's engine (states, CUDA graphs) before measuring memory
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
+        synchronize()
+        before = torch.cuda.memory_allocated() if cuda else 0
         sparse = bc.convert(model, block)
         sparse(video[0], torch.ones(n, 1, gh, gw, dtype=torch.bool, device=device))
         grids = random_grids(16, n, gh, gw, fraction, device)
-        sparse_ms = median_ms(lambda i: sparse(video[i % 4], grids[i % 16]), frames, warmup)
+        sparse_ms = median_ms(lambda i: sparse(video[i % 4], grids[i % 16]), frames, warmup, cuda)
         executed = sparse.last_stats.executed_blocks
-        torch.cuda.synchronize()
-        memory = (torch.cuda.memory_allocated() - before) / n  # states, outputs, graph pools
+        synchronize()
+        # states, outputs, graph pools (not measured on the CPU)
+        memory = (torch.cuda.memory_allocated() - before) / n if cuda else float("nan")
         tiles = torch.randn(executed, 3, block, block, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
-        tiles_only = graphed(model, tiles)
-        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup)
-        breakdown = kernel_breakdown(sparse, video[1], grids[0]) if profile else {}
-        fast = compiled_sparse_ms(model, sparse, video, grids, block, frames, warmup, fraction) \
+        tiles_only = graphed(model, tiles) if cuda else model
+        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, cuda)
+        breakdown = {}
+        if profile and cuda:
+            breakdown = {f"kernel_ms_{k}": v for k, v in kernel_breakdown(sparse, video[1], grids[0]).items()}
+        elif split:
+            eager_split = cpu_time_split(lambda: sparse(video[1], grids[0]))
+            breakdown = {**{f"cpu_ms_compiled_dense_{k}": v for k, v in dense_split.items()},
+                         **{f"cpu_ms_sparse_{k}": v for k, v in eager_split.items()}}
+        fast = compiled_sparse_ms(model, sparse, video, grids, block, frames, warmup, fraction, tiles, split) \
             if compile_sparse else {}
         if fast:
             fast["compiled_speedup_vs_compiled"] = best_ms / fast["compiled_sparse_ms"]
@@ -204,11 +268,12 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
             "speedup_vs_compiled": best_ms / sparse_ms,
             "ideal_speedup": 1 / fraction, "dense_gmacs_per_stream": dense_macs / n / 1e9,
             "sparse_gmacs_per_stream": sparse.last_stats.macs / n / 1e9,
-            "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs),
-            **{f"kernel_ms_{k}": v for k, v in breakdown.items()}, **fast,
+            "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs) if cuda else 0,
+            **breakdown, **fast,
         })
         sparse = tiles_only = None  # free the engine (states, CUDA graphs) before the next fraction
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -224,15 +289,22 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=50, help="timed frames per measurement (median)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--json", default="benchmark.json")
-    parser.add_argument("--profile", action="store_true", help="add a per-kind GPU kernel time breakdown")
+    parser.add_argument("--profile", action="store_true",
+                        help="add a per-kind GPU kernel time breakdown (on the CPU: convolutions against the rest)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the compiled dense baseline (its speed-up column then repeats eager + graph)")
     parser.add_argument("--no-compile-sparse", action="store_true",
                         help="skip the compiled block-sparse engine (compile=True)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads with --device cpu")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("tools/benchmark.py measures GPU speed and needs a CUDA device")
-    torch.backends.cudnn.benchmark = True
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("tools/benchmark.py measures GPU speed and needs a CUDA device (or --device cpu)")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(args.threads)
     height, width = (int(v) for v in args.size.split("x"))
     dtypes = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}
     configs = [(m, d, int(n)) for m in args.models.split(",") for d in args.dtypes.split(",")
@@ -241,10 +313,12 @@ def main() -> None:
     rows = []
     for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
         rows += measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
-                        args.frames, args.warmup, args.profile, not args.no_compile, not args.no_compile_sparse)
+                        args.frames, args.warmup, args.profile, not args.no_compile, not args.no_compile_sparse,
+                        torch.device(args.device))
     environment = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version(), "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if cuda else f"cpu, {args.threads} thread(s)",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
         "date": datetime.date.today().isoformat(), "size": f"{height}x{width}", "block": args.block,
         "frames": args.frames, "warmup": args.warmup,
     }
@@ -258,18 +332,21 @@ def markdown_table(rows: list[dict]) -> str:
     """The results as a Markdown table (times are per frame, all N streams together)."""
     lines = ["| model | dtype | N | f | executed | compiled dense ms | dense (eager + graph) ms | "
              "compiled sparse ms | vs compiled dense | sparse (eager engine) ms | vs compiled dense | "
-             "vs eager + graph | ideal | tiles-only ms | overhead ms | MiB/stream | "
-             "kernels conv / tile / other ms |", "|" + " --- |" * 17]
+             "vs eager + graph | ideal | tiles-only ms | overhead ms | compiled tiles-only ms | compiled overhead ms | "
+             "MiB/stream | kernels conv / tile / other ms |", "|" + " --- |" * 19]
     for r in rows:
         kernels = (f"{r['kernel_ms_convolution']:.2f} / {r['kernel_ms_tile_kernels']:.2f} / "
                    f"{r['kernel_ms_other']:.2f}" if "kernel_ms_convolution" in r else "-")
         fast = (f"{r['compiled_sparse_ms']:.2f} | {r['compiled_speedup_vs_compiled']:.2f}x"
                 if "compiled_sparse_ms" in r else "- | -")
+        fast_tiles = (f"{r['compiled_tiles_only_ms']:.2f} | {r['compiled_overhead_ms']:.2f}"
+                      if "compiled_tiles_only_ms" in r else "- | -")
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['batch']} | {r['fraction']:.4g} | {r['executed_fraction']:.3f} | "
             f"{r['compiled_dense_ms']:.2f} | {r['dense_ms']:.2f} | {fast} | {r['sparse_ms']:.2f} | "
             f"{r['speedup_vs_compiled']:.2f}x | {r['speedup']:.2f}x | {r['ideal_speedup']:.1f}x | "
-            f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {r['sparse_memory_mib_per_stream']:.0f} | "
+            f"{r['tiles_only_ms']:.2f} | {r['overhead_ms']:.2f} | {fast_tiles} | "
+            f"{r['sparse_memory_mib_per_stream']:.0f} | "
             f"{kernels} |")
     return "\n".join(lines)
 
