@@ -48,9 +48,10 @@ def test_bad_frames(sparse):
         sparse(frames().to(torch.uint8), grid())
 
 
-def test_non_finite_frame(sparse):
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_frame(sparse, value):
     x = frames()
-    x[1, 0, 5, 7] = float("nan")
+    x[1, 0, 5, 7] = value
     with pytest.raises(bc.InvalidInputError, match="NaN or infinite"):
         sparse(x, grid())
 
