@@ -121,7 +121,7 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
     compiled on ``example``; on CUDA each input shape's compiled program is captured once as a CUDA graph
     (:func:`graphs.graphed_by_shape`), and each call returns copies of the outputs (a replay overwrites
     them). Our own capture rather than mode "reduce-overhead": its CUDA-graph trees keep per-call
-    bookkeeping on the host, which showed as 2-7 ms more per frame when the frame's post-processing is
+    bookkeeping on the host, which showed as 2 ms or more per frame when the frame's post-processing is
     host-bound (Detectron2's RetinaNet and Mask R-CNN on an H200, docs/benchmarks.md).
 
     The compiled outputs on ``example`` are checked against the eager model's, within ``rtol`` of the
