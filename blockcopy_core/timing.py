@@ -17,19 +17,12 @@ def median_step_ms(step: Callable[[int], object], count: int, warmup: int) -> fl
     counts in full."""
     for i in range(warmup):
         step(i)
-    times = []
-    for i in range(warmup, warmup + count):
-        synchronize()
-        start = time.perf_counter()
-        step(i)
-        synchronize()
-        times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+    return interleaved_step_ms({"step": step}, count, warmup)["step"]
 
 
 def interleaved_step_ms(steps: dict[str, Callable[[int], object]], count: int, start: int) -> dict[str, float]:
     """Median wall time in ms of each of ``steps`` (name: ``step(i)``), for i = start .. start + count - 1,
-    the steps taking turns within each i, CUDA synchronised around each call as in :func:`median_step_ms`.
+    the steps taking turns within each i, CUDA synchronised before and after each call.
     Taking turns cancels slow drifts of the machine (host clock, other work on it) that would otherwise fall
     on one side of a comparison; nothing is run untimed."""
     times: dict[str, list[float]] = {name: [] for name in steps}
