@@ -8,17 +8,21 @@ the eager engine cannot catch up with it by tuning.
 Here the engine's frame body (tile index, input cuts, the model on the tiles with every state write and
 halo gather, output scatters) is traced once per bucket with ``make_fx`` into an FX graph of aten ops,
 with the clip's state tensors as explicit, mutated inputs and the tile moves in their pure-PyTorch
-indexing form (:func:`blockcopy_core.tiles.reference_moves`), and that graph is compiled by inductor.
-Inductor then fuses each op's epilogue (BatchNorm, activation, residual add) with the state write and
-the next halo gather into one kernel, writing the states in place. The result is called like the eager
-body and, on CUDA, captured in the bucket's CUDA graph as before.
+indexing form (:func:`blockcopy_core.tiles.reference_moves`). Each BatchNorm that follows a convolution
+is folded into that convolution's weights (:func:`fold_batchnorm`), as inductor's freezing does for the
+compiled dense model, and the graph is compiled by inductor. Inductor then fuses each op's epilogue
+(bias, activation, residual add, BatchNorms that were not folded) with the state write and the next halo
+gather into one kernel, writing the states in place. The result is called like the eager body and, on
+CUDA, captured in the bucket's CUDA graph as before.
 
-A program depends on the model's weights (read when it runs, never copied), the frame geometry, the
-input format, the bucket and the layout of the states; it does not hold the clip's tensors, so one
-program serves every clip of that shape.
+A program depends on the model's weights (read when it runs; folded ones copied once per model, shared by
+its programs), the frame geometry, the input format, the bucket and the layout of the states; it does not
+hold the clip's tensors, so one program serves every clip of that shape. The engine compiles again after
+the weights changed (checked when a clip starts).
 """
 from __future__ import annotations
 
+import operator
 import threading
 import time
 from dataclasses import dataclass
@@ -41,14 +45,16 @@ class FrameProgram:
 
 
 def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], inputs: Sequence[torch.Tensor],
-                  state: Sequence[torch.Tensor]) -> FrameProgram:
-    """Trace ``body(*inputs)`` and compile it with inductor.
+                  state: Sequence[torch.Tensor], folded: dict) -> FrameProgram:
+    """Trace ``body(*inputs)``, fold its BatchNorms into the convolutions before them
+    (:func:`fold_batchnorm`) and compile it with inductor.
 
     Args:
         body: the eager frame body; it reads and writes the engine's state in place and returns its MACs.
         bind_state: installs a list of state tensors in the engine and returns the ones it replaced.
         inputs: example inputs of ``body`` (its static buffers).
         state: the engine's current state tensors, in ``bind_state`` order.
+        folded: the folded weights of earlier programs of the same model, shared with this one.
 
     The trace runs ``body`` on copies of ``inputs`` and ``state``, so the clip is left untouched.
     """
@@ -68,7 +74,8 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
             bind_state(previous)
 
     with _one_trace, tiles.reference_moves():
-        compiled = _trace_and_compile(program, [t.clone() for t in list(inputs) + list(state)])
+        compiled = _trace_and_compile(program, [t.clone() for t in list(inputs) + list(state)],
+                                      lambda graph: fold_batchnorm(graph, folded))
     if inputs and inputs[0].is_cuda:
         torch.cuda.synchronize(inputs[0].device)
     return FrameProgram(compiled, int(macs[-1]), time.perf_counter() - started)
@@ -105,18 +112,94 @@ def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
     return run
 
 
-def _trace_and_compile(fn: Callable[..., Any], examples: list[torch.Tensor]) -> Callable[..., Any]:
-    """``fn(*examples)`` traced by ``make_fx`` into a graph of aten ops and compiled by inductor."""
+def _trace_and_compile(fn: Callable[..., Any], examples: list[torch.Tensor],
+                       rewrite: Callable[[torch.fx.GraphModule], object] | None = None) -> Callable[..., Any]:
+    """``fn(*examples)`` traced by ``make_fx`` into a graph of aten ops, changed by ``rewrite`` (if given)
+    and compiled by inductor."""
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with torch.no_grad(), _one_trace:
         graph = make_fx(fn, tracing_mode="real")(*examples)
+        if rewrite is not None:
+            rewrite(graph)
         # freezing needs the parameter bookkeeping of torch.compile's front end, which a traced graph
-        # does not have (its weights are graph constants)
+        # does not have (its weights are graph constants; fold_batchnorm does its main work here)
         with inductor_config.patch(freezing=False):
             return compile_fx(graph, examples)
+
+
+# eval-mode BatchNorm ops as make_fx records them (CPU, cuDNN, and the export form), with the position
+# of eps among their arguments; all take (input, weight, bias, running_mean, running_var, ...)
+_BATCH_NORM_EPS = {
+    torch.ops.aten.native_batch_norm.default: 7,
+    torch.ops.aten.cudnn_batch_norm.default: 7,
+    torch.ops.aten._native_batch_norm_legit_no_training.default: 6,
+}
+
+
+def fold_batchnorm(graph: torch.fx.GraphModule, folded: dict) -> int:
+    """Fold every eval-mode BatchNorm whose input is a convolution's output (and nothing else reads that
+    output) into the convolution's weight and bias, as inductor's freezing does for a compiled dense model:
+    the frame then computes ``conv(x, w * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``,
+    instead of a multiply-add on every activation. Folded in float32, stored in the weight's dtype.
+
+    Only graph constants are folded (the weights a traced frame reads); ``folded`` caches the folded
+    tensors by their sources (pointer, version, dtype), so that a model's buckets share one copy. Returns
+    the number of BatchNorms folded."""
+    count = 0
+    for norm in list(graph.graph.nodes):
+        eps_at = _BATCH_NORM_EPS.get(norm.target) if norm.op == "call_function" else None
+        conv = norm.args[0] if eps_at is not None else None
+        if conv is None or conv.target is not torch.ops.aten.convolution.default or len(conv.users) != 1:
+            continue
+        training = eps_at == 7 and norm.args[5]
+        sources = [conv.args[1], conv.args[2], *norm.args[1:5]]
+        readers = list(norm.users)
+        if training or conv.args[6] or not all(  # transposed: output channels are not the weight's first dim
+                s is None or (isinstance(s, torch.fx.Node) and s.op == "get_attr") for s in sources) or any(
+                s is None for s in (sources[0], *sources[4:])) or any(
+                r.target is not operator.getitem or (r.args[1] != 0 and r.users) for r in readers):
+            continue
+        tensors = [None if s is None else getattr(graph, s.target) for s in sources]
+        eps = float(norm.args[eps_at])
+        key = (eps, *(None if t is None else (t.data_ptr(), t._version, t.dtype) for t in tensors))
+        if key not in folded:
+            folded[key] = _folded(*tensors, eps)
+        with graph.graph.inserting_before(conv):
+            constants = []
+            for kind, tensor in zip(("weight", "bias"), folded[key]):
+                name = f"_folded_{kind}_{count}"
+                graph.register_buffer(name, tensor, persistent=False)
+                constants.append(graph.graph.get_attr(name))
+        conv.args = (conv.args[0], *constants, *conv.args[3:])
+        for reader in readers:
+            if reader.args[1] == 0:
+                reader.replace_all_uses_with(conv)
+            graph.graph.erase_node(reader)
+        graph.graph.erase_node(norm)
+        for source in sources:
+            if source is not None and not source.users:
+                graph.graph.erase_node(source)
+        count += 1
+    if count:
+        graph.recompile()
+    return count
+
+
+def _folded(weight, bias, gamma, beta, mean, var, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a convolution followed by an eval-mode BatchNorm, as one convolution."""
+    scale = torch.rsqrt(var.float() + eps)
+    if gamma is not None:
+        scale = scale * gamma.float()
+    shift = -mean.float() * scale if bias is None else (bias.float() - mean.float()) * scale
+    if beta is not None:
+        shift = shift + beta.float()
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    folded = torch.empty_like(weight)  # the weight's strides: channels_last stays channels_last
+    folded.copy_(weight.float() * scale.view(shape))
+    return folded, shift.to(weight.dtype)
 
 
 # tracing swaps module-level switches (reference tile moves, the tracer); reentrant, since a frame's

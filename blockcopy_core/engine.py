@@ -234,6 +234,7 @@ class BlockSparseModel(nn.Module):
         self._graphs = BucketGraphs()
         self._spare: _Clip | None = None  # the last clip's buffers, graphs and programs (see reset)
         self._programs: dict = {}  # (bucket, layouts) -> FrameProgram, kept across clips
+        self._folded: dict = {}  # BatchNorms folded into convolutions, shared by the programs
         self._weights_seen = None
         self.compile_seconds: dict = {}  # bucket (executed-block count or "dense") -> seconds to compile
         self._module_stack: list[str] = []
@@ -314,6 +315,7 @@ class BlockSparseModel(nn.Module):
         self.reset()
         self._spare = None
         self._programs.clear()
+        self._folded.clear()
         return super()._apply(fn, recurse)
 
     def _push_module(self, module: nn.Module, args) -> None:
@@ -477,7 +479,7 @@ class BlockSparseModel(nn.Module):
         if signature in self._programs:
             return self._programs[signature], False
         try:
-            program = compile_frame(body, self._bind_state, args, state)
+            program = compile_frame(body, self._bind_state, args, state, self._folded)
             self.compile_seconds[key] = program.compile_seconds
         except BlockCopyError:
             raise  # the eager body raises it too: an unsupported op, changed control flow, ...
@@ -566,6 +568,7 @@ class BlockSparseModel(nn.Module):
                             if isinstance(t, torch.Tensor))
             if weights != self._weights_seen:
                 self._programs.clear()
+                self._folded.clear()
                 self._weights_seen = weights
                 spare = None  # its bound programs are stale
         if spare is not None and (spare.geometry, spare.input_format, spare.input_layouts) == (

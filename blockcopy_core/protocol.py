@@ -117,12 +117,15 @@ class DenseRunner:
 
 
 def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float | None = None):
-    """``model`` under ``torch.compile``: inductor with freezing (BatchNorm folded into the weights),
-    compiled on ``example``; on CUDA each input shape's compiled program is captured once as a CUDA graph
-    (:func:`graphs.graphed_by_shape`), and each call returns copies of the outputs (a replay overwrites
-    them). Our own capture rather than mode "reduce-overhead": its CUDA-graph trees keep per-call
+    """``model`` under ``torch.compile`` for inference (no autograd): inductor with freezing (BatchNorm
+    folded into the weights), compiled on ``example``; on CUDA each input shape's compiled program is
+    captured once as a CUDA graph (:func:`graphs.graphed_by_shape`), and each call returns copies of the
+    outputs (a replay overwrites them). Our own capture rather than mode "reduce-overhead": its CUDA-graph trees keep per-call
     bookkeeping on the host, which showed as 2 ms or more per frame when the frame's post-processing is
     host-bound (Detectron2's RetinaNet and Mask R-CNN on an H200, docs/benchmarks.md).
+
+    Freezing makes the weights constants of the compiled program: later changes to the model's parameters
+    or buffers are not seen (compile again after loading other weights).
 
     The compiled outputs on ``example`` are checked against the eager model's, within ``rtol`` of the
     largest output (default 1e-3 in fp32, 2e-2 in fp16/bf16 and in fp32 on CUDA with TF32 convolutions,
@@ -135,9 +138,10 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
         tf32 = example.is_cuda and example.dtype == torch.float32 and (
             torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
         rtol = 1e-3 if example.dtype in (torch.float32, torch.float64) and not tf32 else 2e-2
-    expected = model(example)
+    with torch.no_grad():
+        expected = model(example)
     for freezing in (True, False):
-        fast = torch.compile(model, options={"freezing": freezing})
+        fast = _compiled_for_inference(model, freezing)
         if example.is_cuda:
             fast = graphed_by_shape(fast)
         error = relative_error(fast(example), expected)
@@ -148,6 +152,25 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
                           f"{error:.2g} > {rtol:g}); compiling it without freezing", RuntimeWarning, stacklevel=2)
     raise RuntimeError(f"torch.compile computes outputs that differ from the eager model's (relative error "
                        f"{error:.2g} > {rtol:g}); run it without compiling")
+
+
+def _compiled_for_inference(model: torch.nn.Module, freezing: bool) -> Callable[[Any], object]:
+    """``torch.compile(model)`` called without autograd and with inductor's ``freezing`` set as given around
+    each call, so that every compilation (lazy: the first call with each input shape) sees it. Passed only
+    in ``torch.compile``'s options, freezing is silently ignored (torch 2.11 and 2.14: BatchNorm stayed a
+    separate multiply-add, 12 % of a ResNet-50 frame on an H200); it also needs autograd off. The options
+    still carry it: they keep the two settings' compiled code apart in dynamo's cache, which is shared by
+    every ``torch.compile`` of the same model (without them the unfrozen retry would replay the frozen
+    code)."""
+    from torch._inductor import config as inductor_config
+
+    compiled = torch.compile(model, options={"freezing": freezing})
+
+    def call(x):
+        with torch.no_grad(), inductor_config.patch(freezing=freezing):
+            return compiled(x)
+
+    return call
 
 
 def relative_error(actual, expected) -> float:

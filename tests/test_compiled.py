@@ -188,6 +188,71 @@ def test_compiled_dense_runner_gives_the_models_results():
     assert runner.statistics.frames == 2
 
 
+def test_compiled_dense_folds_batchnorm_into_the_convolutions():
+    """compile_dense is the strongest dense baseline only if inductor's freezing is on when it compiles:
+    then BatchNorm's scale, with its square root, is computed once into the convolution's weights and
+    the generated code has no ``sqrt`` left. Freezing passed in torch.compile's options is ignored."""
+    from torch._inductor.utils import run_and_get_code
+
+    from blockcopy_core.protocol import compile_dense
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 3, 16, 16)
+    fast, code = run_and_get_code(compile_dense, model, x)
+    assert code and not any("sqrt" in program for program in code)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
+    with torch.no_grad():
+        _, code = run_and_get_code(torch.compile(model), x)
+    assert any("sqrt" in program for program in code), "without freezing BatchNorm stays in the program"
+
+
+class ConvNormPairs(nn.Module):
+    """Two BatchNorms that fold (after a convolution with and one without bias) and three that must not:
+    after a ReLU, after a convolution whose output is also read elsewhere, after a transposed one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, bias=False, groups=2)
+        self.c, self.d = nn.Conv2d(8, 8, 1), nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.norms = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(5))
+        for norm in self.norms:
+            for tensor in (norm.weight, norm.bias, norm.running_mean):
+                nn.init.normal_(tensor)
+            norm.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        x = torch.relu(self.norms[0](self.a(x)))
+        x = self.norms[1](self.b(x))
+        x = self.norms[2](torch.relu(x))
+        y = self.c(x)
+        x = self.norms[3](y) + y
+        return self.norms[4](self.d(x))
+
+
+def test_batchnorm_folds_into_the_convolution_before_it():
+    """Compiled frames fold BatchNorm into the convolution before it, as freezing does for the compiled
+    dense model (same sums up to rounding), only where that is exact, and share the folded weights."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from blockcopy_core.compiled import _BATCH_NORM_EPS, fold_batchnorm
+
+    model = ConvNormPairs().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+        traced = make_fx(model, tracing_mode="real")(x)
+        folded = {}
+        assert fold_batchnorm(traced, folded) == 2
+        norms = [n for n in traced.graph.nodes if n.op == "call_function" and n.target in _BATCH_NORM_EPS]
+        assert len(norms) == 3 and len(folded) == 2
+        torch.testing.assert_close(traced(x), expected, rtol=1e-5, atol=1e-5)
+        again = make_fx(model, tracing_mode="real")(x)
+        assert fold_batchnorm(again, folded) == 2 and len(folded) == 2, "a second program reuses the folds"
+        torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_bucket_that_fails_to_compile_runs_eagerly(monkeypatch):
     """What inductor cannot compile must not stop the video: that bucket runs the eager body, with a
     warning naming the failure (as a bucket whose CUDA graph cannot be captured does)."""
