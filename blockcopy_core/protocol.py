@@ -120,9 +120,9 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
     """``model`` under ``torch.compile`` for inference (no autograd): inductor with freezing (BatchNorm
     folded into the weights), compiled on ``example``; on CUDA each input shape's compiled program is
     captured once as a CUDA graph (:func:`graphs.graphed_by_shape`), and each call returns copies of the
-    outputs (a replay overwrites them). Our own capture rather than mode "reduce-overhead": its CUDA-graph trees keep per-call
-    bookkeeping on the host, which showed as 2 ms or more per frame when the frame's post-processing is
-    host-bound (Detectron2's RetinaNet and Mask R-CNN on an H200, docs/benchmarks.md).
+    outputs (a replay overwrites them). Our own capture rather than mode "reduce-overhead": its CUDA-graph
+    trees keep per-call bookkeeping on the host, which showed as 2 ms or more per frame when the frame's
+    post-processing is host-bound (Detectron2's RetinaNet and Mask R-CNN on an H200, docs/benchmarks.md).
 
     Freezing makes the weights constants of the compiled program: later changes to the model's parameters
     or buffers are not seen (compile again after loading other weights).
