@@ -151,8 +151,9 @@ def fold_batchnorm(graph: torch.fx.GraphModule, folded: dict) -> int:
     count = 0
     for norm in list(graph.graph.nodes):
         eps_at = _BATCH_NORM_EPS.get(norm.target) if norm.op == "call_function" else None
-        conv = norm.args[0] if eps_at is not None else None
-        if conv is None or conv.target is not torch.ops.aten.convolution.default or len(conv.users) != 1:
+        conv = norm.args[0] if eps_at is not None and len(norm.args) > eps_at else None
+        if not isinstance(conv, torch.fx.Node) or conv.target is not torch.ops.aten.convolution.default or len(
+                conv.users) != 1 or len(conv.args) != 9:
             continue
         training = eps_at == 7 and norm.args[5]
         sources = [conv.args[1], conv.args[2], *norm.args[1:5]]
