@@ -33,7 +33,7 @@ from .information_gain import pool_to_blocks
 from .macs import count_macs
 from .policy import BlockPolicy, PolicyObservation, ReinforcePolicy, policy_from_config
 
-STAGES = ("policy", "network", "sparse_overhead", "postprocess", "information_gain", "update")
+STAGES = ("policy", "network", "sparse_overhead", "postprocess", "information_gain", "update", "compile")
 """Timed stages of a step, in order: policy forward (select); the task network on the executed tiles;
 the engine's own work around it (tile gathers and scatters, state writes, tile indexing); adapter
 decoding and O_t painting; IG map and block pooling; policy observe (rewards, and backward + optimiser
@@ -41,7 +41,16 @@ step on update frames). With select/observe, ``network`` is the caller's work be
 (unless the caller reports its own split) and ``postprocess`` the O_t painting. The engine's work can be
 timed apart only on frames that run eagerly (CPU, or
 CUDA without CUDA graphs): on a CUDA-graph frame it stays inside ``network`` and the frame has no
-``sparse_overhead`` entry."""
+``sparse_overhead`` entry. ``compile`` is the part of ``network`` that the engine spent compiling frame
+programs (``compile=True``, a bucket's first use without ``warmup``), moved out of it."""
+
+
+def _split_compile(seconds: dict[str, float], frame_stats: FrameStats) -> None:
+    """Move the time the engine spent compiling during the frame out of ``network`` into ``compile``: a
+    one-off cost, not the network's speed (once per stage dict)."""
+    if frame_stats.compile_seconds and "network" in seconds and "compile" not in seconds:
+        seconds["compile"] = min(frame_stats.compile_seconds, seconds["network"])
+        seconds["network"] -= seconds["compile"]
 
 
 @dataclass
@@ -383,6 +392,7 @@ class BlockCopy(nn.Module):
         if overhead is not None:
             seconds["sparse_overhead"] = overhead
             seconds["network"] -= overhead
+        _split_compile(seconds, self._sparse.last_stats)
         return outputs
 
     def _step_captured(self, frames: torch.Tensor) -> StepResult:
@@ -509,6 +519,7 @@ class BlockCopy(nn.Module):
         if seconds is None:
             seconds = {"network": time.perf_counter() - selection.selected_at}
         seconds = {**selection.seconds, **seconds}
+        _split_compile(seconds, frame_stats)
         frame_size = selection.frame_size
         if selection.captured:  # O_t of the padded result as a graph replay, then the rest of the loop
             with self._timed("postprocess", seconds, device, accumulate=True):

@@ -74,6 +74,9 @@ class FrameStats:
     :attr:`BlockSparseModel.time_overhead`."""
     selected_blocks: int | None = None
     """Blocks the grid selected, before the bucket rounding on CUDA (None: as many as executed)."""
+    compile_seconds: float = 0.0
+    """Wall time this forward spent compiling frame programs (``compile=True``, a bucket's first use
+    without :meth:`BlockSparseModel.warmup`); part of the forward's own wall time."""
 
     @property
     def executed_fraction(self) -> float:
@@ -236,6 +239,7 @@ class BlockSparseModel(nn.Module):
         self._programs: dict = {}  # (bucket, layouts) -> FrameProgram, kept across clips
         self._folded: dict = {}  # BatchNorms folded into convolutions, shared by the programs
         self._weights_seen = None
+        self._compile_seconds = 0.0  # compiling done by the current forward
         self.compile_seconds: dict = {}  # bucket (executed-block count or "dense") -> seconds to compile
         self._module_stack: list[str] = []
         self._module_labels: dict[int, str] = {}
@@ -394,6 +398,7 @@ class BlockSparseModel(nn.Module):
         graphed = self.cuda_graphs and inputs[0].is_cuda
         bucketed = graphed or self.compile
         self._timer.start_frame(self.time_overhead and (first or not bucketed), device)
+        self._compile_seconds = 0.0
         if not first and (geometry != self._geometry or input_format != self._input_format):
             raise InvalidInputError(
                 f"inputs changed mid-clip from {self._describe(self._geometry, self._input_format)} to "
@@ -420,12 +425,12 @@ class BlockSparseModel(nn.Module):
             executed = self._bucket(executed, total)
         if executed == 0:
             self.executed_grid.zero_()
-            self.last_stats = FrameStats(0, total, 0, self._overhead(), selected)
+            self.last_stats = FrameStats(0, total, 0, self._overhead(), selected, self._compile_seconds)
             return self._current_outputs()
         key, body = self._frame_body(executed, total, bucketed)
         args = inputs if key == "dense" else (*inputs, grid, noise) if bucketed else (*inputs, grid)
         macs = self._run_body(key, body, args, graphed)
-        self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected)
+        self.last_stats = FrameStats(executed, total, macs, self._overhead(), selected, self._compile_seconds)
         return self._current_outputs()
 
     def _run_body(self, key, body, args, graphed: bool) -> int:
@@ -481,6 +486,7 @@ class BlockSparseModel(nn.Module):
         try:
             program = compile_frame(body, self._bind_state, args, state, self._folded)
             self.compile_seconds[key] = program.compile_seconds
+            self._compile_seconds += program.compile_seconds
         except BlockCopyError:
             raise  # the eager body raises it too: an unsupported op, changed control flow, ...
         except Exception as error:  # what inductor cannot compile runs eagerly, as an uncapturable graph does
@@ -603,7 +609,7 @@ class BlockSparseModel(nn.Module):
             self._graphs.stage(*inputs)
         macs = self._run_body("dense", self._refresh_dense, inputs, graphed)
         total = self._geometry.batch * self._geometry.blocks_per_frame
-        self.last_stats = FrameStats(total, total, macs, self._overhead())
+        self.last_stats = FrameStats(total, total, macs, self._overhead(), compile_seconds=self._compile_seconds)
         return self._current_outputs()
 
     # The two frame bodies below may be captured in CUDA graphs: everything they leave behind must be

@@ -93,7 +93,7 @@ def test_first_frame_full_then_policy_frames(block_size):
     assert second.grid.shape == grid_shape and second.grid.dtype == torch.bool
     assert second.information_gain.shape == grid_shape
     assert second.ig_map.shape == (STREAMS, HEIGHT // 4, WIDTH // 4)
-    assert set(second.seconds) == set(STAGES)
+    assert set(second.seconds) == set(STAGES) - {"compile"}  # nothing compiled (eager engine)
     assert second.frame_stats.executed_blocks == int(second.grid.sum())
     assert len(second.result) == STREAMS
     assert second.outputs["heatmap"].shape == (STREAMS, 3, HEIGHT // 4, WIDTH // 4)
@@ -347,3 +347,19 @@ def test_cuda_run_matches_the_cpu_engine_on_the_blocks_it_executed():
         if number:
             assert step.ig_map.is_cuda and step.information_gain.shape == step.grid.shape
     assert gpu.statistics.frames == 8 and gpu.policy.net.training
+
+
+def test_compiling_is_timed_apart_from_the_network():
+    """With compile=True a bucket's first frame compiles its program inside the forward: the engine
+    reports those seconds and BlockCopy moves them from ``network`` into ``compile``; a frame of a bucket
+    compiled before has none."""
+    bc = blockcopy(policy="random", target=0.5, compile=True, buckets=2)
+    frames = clip(3)
+    bc.step(frames[0])
+    first, second = bc.step(frames[1]), bc.step(frames[2])
+    assert first.frame_stats.executed_blocks == second.frame_stats.executed_blocks, "one bucket"
+    assert first.frame_stats.compile_seconds > 0.1
+    assert first.seconds["compile"] == pytest.approx(first.frame_stats.compile_seconds)
+    assert first.seconds["network"] < first.seconds["compile"]
+    assert second.frame_stats.compile_seconds == 0.0 and "compile" not in second.seconds
+    assert set(bc.statistics.ms_per_frame()) == {*STAGES, "total"}
