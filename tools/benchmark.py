@@ -310,11 +310,6 @@ def main() -> None:
     configs = [(m, d, int(n)) for m in args.models.split(",") for d in args.dtypes.split(",")
                for n in args.batches.split(",")]
     fractions = [float(f) for f in args.fractions.split(",")]
-    rows = []
-    for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
-        rows += measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
-                        args.frames, args.warmup, args.profile, not args.no_compile, not args.no_compile_sparse,
-                        torch.device(args.device))
     environment = {
         "gpu": torch.cuda.get_device_name() if cuda else f"cpu, {args.threads} thread(s)",
         "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -322,8 +317,16 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "size": f"{height}x{width}", "block": args.block,
         "frames": args.frames, "warmup": args.warmup,
     }
-    with open(args.json, "w") as f:
-        json.dump({"environment": environment, "results": rows}, f, indent=1)
+    rows = []
+    for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
+        measured = measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
+                           args.frames, args.warmup, args.profile, not args.no_compile, not args.no_compile_sparse,
+                           torch.device(args.device))
+        tqdm.write(markdown_table(measured))
+        rows += measured
+        # written after every configuration: a run stopped by a time limit keeps what it measured
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment, "results": rows}, f, indent=1)
     print(f"\n{environment}\n")
     print(markdown_table(rows))
 

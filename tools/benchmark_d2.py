@@ -443,6 +443,8 @@ def main() -> None:
         raise SystemExit("--warmup must be at least 1 (BlockCopy's first frame of a clip runs dense, untimed)")
     cuda = args.device == "cuda"
     torch.backends.cudnn.benchmark = True
+    environment = {**benchmark_environment(cuda), "size": f"{height}x{width}", "block": args.block,
+                   "frames": args.frames, "warmup": args.warmup}
     rows = []
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
@@ -452,10 +454,9 @@ def main() -> None:
                                 cuda and not args.eager_engine, cuda and not args.eager_loop, args.profile,
                                 args.stages)
                 print(markdown_table(rows[-1:]), flush=True)
+                # written after every configuration: a run stopped by a time limit keeps what it measured
+                Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
                 torch._dynamo.reset()
-    environment = {**benchmark_environment(cuda), "size": f"{height}x{width}", "block": args.block,
-                   "frames": args.frames, "warmup": args.warmup}
-    Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
     print(f"\n{environment}\n\n{markdown_table(rows)}")
 
 

@@ -197,6 +197,8 @@ def main() -> None:
     register_all_modules()
     torch.backends.cudnn.benchmark = True
     height, width = (int(v) for v in args.size.split("x"))
+    environment = {**benchmark_environment(args.device == "cuda"), "size": f"{height}x{width}", "block": args.block,
+                   "frames": args.frames, "warmup": args.warmup}
     rows = []
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
@@ -205,10 +207,9 @@ def main() -> None:
                                 args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
                                 not args.eager_engine, args.device == "cuda" and not args.eager_loop, args.profile)
                 print(markdown_table(rows[-1:]), flush=True)
+                # written after every configuration: a run stopped by a time limit keeps what it measured
+                Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
                 torch._dynamo.reset()
-    environment = {**benchmark_environment(args.device == "cuda"), "size": f"{height}x{width}", "block": args.block,
-                   "frames": args.frames, "warmup": args.warmup}
-    Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
     print(f"\n{environment}\n\n{markdown_table(rows)}")
 
 
