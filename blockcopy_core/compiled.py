@@ -10,7 +10,8 @@ halo gather, output scatters) is traced once per bucket with ``make_fx`` into an
 with the clip's state tensors as explicit, mutated inputs and the tile moves in their pure-PyTorch
 indexing form (:func:`blockcopy_core.tiles.reference_moves`). Each BatchNorm that follows a convolution
 is folded into that convolution's weights (:func:`fold_batchnorm`), as inductor's freezing does for the
-compiled dense model, and the graph is compiled by inductor. Inductor then fuses each op's epilogue
+compiled dense model, and the graph is compiled by inductor (on the CPU with freezing, checked; see
+:func:`compile_frame`). Inductor then fuses each op's epilogue
 (bias, activation, residual add, BatchNorms that were not folded) with the state write and the next halo
 gather into one kernel, writing the states in place. The result is called like the eager body and, on
 CUDA, captured in the bucket's CUDA graph as before.
@@ -22,6 +23,7 @@ the weights changed (checked when a clip starts).
 """
 from __future__ import annotations
 
+import math
 import operator
 import threading
 import time
@@ -37,17 +39,33 @@ from . import activation, tiles
 @dataclass
 class FrameProgram:
     """A compiled frame body: ``run(*inputs, *state)`` does what the eager body did on ``inputs`` with
-    the clip's ``state`` tensors (written in place); ``macs`` is the MAC count it executes."""
+    the clip's ``state`` tensors (written in place); ``macs`` is the MAC count it executes; ``frozen``:
+    compiled with inductor's freezing; ``freezing_failed``: freezing was tried and changed the results."""
 
     run: Callable[..., object]
     macs: int
     compile_seconds: float
+    frozen: bool = False
+    freezing_failed: bool = False
+
+
+# how far a program compiled with freezing may stray from the traced graph run as it is (fp32: summation
+# order; fp16/bf16: rounding at other points), relative to each state tensor's largest magnitude
+_FREEZING_TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 1e-1}
 
 
 def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], inputs: Sequence[torch.Tensor],
-                  state: Sequence[torch.Tensor], folded: dict) -> FrameProgram:
+                  state: Sequence[torch.Tensor], folded: dict, freeze: bool = True) -> FrameProgram:
     """Trace ``body(*inputs)``, fold its BatchNorms into the convolutions before them
     (:func:`fold_batchnorm`) and compile it with inductor.
+
+    On the CPU the program is compiled with inductor's freezing when ``freeze`` is set: the convolution
+    weights then become oneDNN's pre-packed constants, which is what makes a compiled dense model fast
+    there (ResNet-50's block-sparse frame 60 -> 50 ms on one core). Freezing has computed wrong results
+    for some models on the CPU (CenterNet-MobileNetV3, torch 2.14: 81 % off), so the frozen program is
+    run once on copies of the state against the traced graph run as it is, and on a disagreement the
+    program is compiled again without freezing (``freezing_failed``). On CUDA freezing is not used: the
+    folding above is what it would add there.
 
     Args:
         body: the eager frame body; it reads and writes the engine's state in place and returns its MACs.
@@ -55,6 +73,7 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
         inputs: example inputs of ``body`` (its static buffers).
         state: the engine's current state tensors, in ``bind_state`` order.
         folded: the folded weights of earlier programs of the same model, shared with this one.
+        freeze: try freezing on the CPU.
 
     The trace runs ``body`` on copies of ``inputs`` and ``state``, so the clip is left untouched.
     """
@@ -72,13 +91,50 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
         finally:
             activation.trace_with(None)
             bind_state(previous)
+        return ()  # the results are the states written in place (freezing needs an output tuple)
 
+    examples = [t.clone() for t in list(inputs) + list(state)]
+    freezing_failed = False
     with _one_trace, tiles.reference_moves():
-        compiled = _trace_and_compile(program, [t.clone() for t in list(inputs) + list(state)],
-                                      lambda graph: fold_batchnorm(graph, folded))
+        for frozen in (True, False) if freeze and examples[0].device.type == "cpu" else (False,):
+            graph = _trace(program, examples, lambda traced: fold_batchnorm(traced, folded))
+            expected = _states_after(graph, examples) if frozen else None
+            compiled = _compile(graph, examples, freezing=frozen)
+            if not frozen:
+                break
+            tolerance = _FREEZING_TOLERANCE.get(examples[0].dtype, 1e-4)
+            if _largest_difference(_states_after(compiled, examples), expected) <= tolerance:
+                break
+            freezing_failed = True
     if inputs and inputs[0].is_cuda:
         torch.cuda.synchronize(inputs[0].device)
-    return FrameProgram(compiled, int(macs[-1]), time.perf_counter() - started)
+    return FrameProgram(compiled, int(macs[-1]), time.perf_counter() - started, frozen, freezing_failed)
+
+
+def _states_after(run: Callable[..., object], examples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``run`` on copies of ``examples``, which it writes in place; the copies afterwards."""
+    copies = [t.clone() for t in examples]
+    with torch.no_grad():
+        run(*copies)
+    return copies
+
+
+def _largest_difference(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
+    """Largest |actual - expected| over pairs of tensors, each relative to the largest finite |expected|
+    of its tensor (equal values, infinities included, differ by 0; other dtypes must be equal)."""
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        if not e.is_floating_point():
+            if not torch.equal(a, e):
+                return math.inf
+            continue
+        a, e = a.float(), e.float()
+        difference = torch.where(a == e, 0.0, (a - e).abs()).max()
+        finite = e[torch.isfinite(e)].abs()
+        scale = finite.max().clamp_min(1e-12) if finite.numel() else torch.tensor(1.0)
+        error = (difference / scale).item()
+        worst = max(worst, math.inf if math.isnan(error) else error)
+    return worst
 
 
 def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
@@ -112,22 +168,32 @@ def compile_function(fn: Callable[..., Any], *args: Any) -> Callable[..., Any]:
     return run
 
 
-def _trace_and_compile(fn: Callable[..., Any], examples: list[torch.Tensor],
-                       rewrite: Callable[[torch.fx.GraphModule], object] | None = None) -> Callable[..., Any]:
-    """``fn(*examples)`` traced by ``make_fx`` into a graph of aten ops, changed by ``rewrite`` (if given)
-    and compiled by inductor."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.compile_fx import compile_fx
+def _trace_and_compile(fn: Callable[..., Any], examples: list[torch.Tensor]) -> Callable[..., Any]:
+    """``fn(*examples)`` traced by ``make_fx`` into a graph of aten ops and compiled by inductor."""
+    with _one_trace:
+        return _compile(_trace(fn, examples), examples, freezing=False)
+
+
+def _trace(fn: Callable[..., Any], examples: list[torch.Tensor],
+           rewrite: Callable[[torch.fx.GraphModule], object] | None = None) -> torch.fx.GraphModule:
+    """``fn(*examples)`` traced by ``make_fx`` into a graph of aten ops (its weights graph constants),
+    changed by ``rewrite`` if given."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     with torch.no_grad(), _one_trace:
         graph = make_fx(fn, tracing_mode="real")(*examples)
         if rewrite is not None:
             rewrite(graph)
-        # freezing needs the parameter bookkeeping of torch.compile's front end, which a traced graph
-        # does not have (its weights are graph constants; fold_batchnorm does its main work here)
-        with inductor_config.patch(freezing=False):
-            return compile_fx(graph, examples)
+    return graph
+
+
+def _compile(graph: torch.fx.GraphModule, examples: list[torch.Tensor], freezing: bool) -> Callable[..., Any]:
+    """``graph`` compiled by inductor for arguments like ``examples``, with or without freezing."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with torch.no_grad(), inductor_config.patch(freezing=freezing):
+        return compile_fx(graph, examples)
 
 
 # eval-mode BatchNorm ops as make_fx records them (CPU, cuDNN, and the export form), with the position

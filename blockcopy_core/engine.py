@@ -238,6 +238,7 @@ class BlockSparseModel(nn.Module):
         self._spare: _Clip | None = None  # the last clip's buffers, graphs and programs (see reset)
         self._programs: dict = {}  # (bucket, layouts) -> FrameProgram, kept across clips
         self._folded: dict = {}  # BatchNorms folded into convolutions, shared by the programs
+        self._freeze = True  # compile with freezing on the CPU, until it fails the check once
         self._weights_seen = None
         self._compile_seconds = 0.0  # compiling done by the current forward
         self.compile_seconds: dict = {}  # bucket (executed-block count or "dense") -> seconds to compile
@@ -320,6 +321,7 @@ class BlockSparseModel(nn.Module):
         self._spare = None
         self._programs.clear()
         self._folded.clear()
+        self._freeze = True
         return super()._apply(fn, recurse)
 
     def _push_module(self, module: nn.Module, args) -> None:
@@ -484,7 +486,12 @@ class BlockSparseModel(nn.Module):
         if signature in self._programs:
             return self._programs[signature], False
         try:
-            program = compile_frame(body, self._bind_state, args, state, self._folded)
+            program = compile_frame(body, self._bind_state, args, state, self._folded, self._freeze)
+            if program.freezing_failed:
+                self._freeze = False  # the model's other programs would fail the same way
+                warnings.warn("blockcopy: inductor's freezing changed the results of this model's frame "
+                              "programs on the CPU; they are compiled without it (slower)", RuntimeWarning,
+                              stacklevel=4)
             self.compile_seconds[key] = program.compile_seconds
             self._compile_seconds += program.compile_seconds
         except BlockCopyError:
@@ -575,6 +582,7 @@ class BlockSparseModel(nn.Module):
             if weights != self._weights_seen:
                 self._programs.clear()
                 self._folded.clear()
+                self._freeze = True
                 self._weights_seen = weights
                 spare = None  # its bound programs are stale
         if spare is not None and (spare.geometry, spare.input_format, spare.input_layouts) == (

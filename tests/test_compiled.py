@@ -253,6 +253,48 @@ def test_batchnorm_folds_into_the_convolution_before_it():
         torch.testing.assert_close(again(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_cpu_programs_are_frozen_and_checked(monkeypatch):
+    """On the CPU frame programs compile with freezing (oneDNN's pre-packed weights), each checked once
+    against its traced graph: a frozen program that computes other states (as freezing did for
+    CenterNet-MobileNetV3 on the CPU) is compiled again without freezing, with a warning, and the
+    model's later programs skip freezing."""
+    import blockcopy_core.compiled as compiled
+
+    model = small_model()
+    full = torch.ones(2, 1, 2, 2, dtype=torch.bool)
+    x = torch.randn(2, 3, 32, 32)
+    sparse = bc.convert(model, 16, compile=True, buckets=4)
+    sparse(x, full)
+    sparse.warmup([0.25])
+    assert [p.frozen for p in sparse._programs.values()] == [True]
+
+    compile_program = compiled._compile
+
+    def wrong_when_frozen(graph, examples, freezing):
+        program = compile_program(graph, examples, freezing)
+        if not freezing:
+            return program
+
+        def run(*args):
+            program(*args)
+            next(t for t in args[len(args) // 2:] if t.is_floating_point()).add_(1.0)
+        return run
+
+    monkeypatch.setattr(compiled, "_compile", wrong_when_frozen)
+    sparse, eager = bc.convert(small_model(), 16, compile=True, buckets=4), bc.convert(small_model(), 16)
+    sparse(x, full)
+    eager(x, full)
+    with pytest.warns(RuntimeWarning, match="freezing changed the results"):
+        sparse.warmup([0.25])
+    assert [p.frozen for p in sparse._programs.values()] == [False]
+    assert sparse.warmup([0.5]) and not any(p.frozen or p.freezing_failed for p in
+                                             list(sparse._programs.values())[1:]), "freezing not tried again"
+    grid = torch.zeros_like(full)
+    grid[1, 0, 0, 1] = True
+    with torch.no_grad():
+        assert rel_error(sparse(x + 1, grid), eager(x + 1, sparse.executed_grid)) <= TOLERANCE[torch.float32]
+
+
 def test_a_bucket_that_fails_to_compile_runs_eagerly(monkeypatch):
     """What inductor cannot compile must not stop the video: that bucket runs the eager body, with a
     warning naming the failure (as a bucket whose CUDA graph cannot be captured does)."""
