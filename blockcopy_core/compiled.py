@@ -62,7 +62,8 @@ def compile_frame(body: Callable[..., int], bind_state: Callable[[list], list], 
     On the CPU the program is compiled with inductor's freezing when ``freeze`` is set: the convolution
     weights then become oneDNN's pre-packed constants, which is what makes a compiled dense model fast
     there (ResNet-50's block-sparse frame 60 -> 50 ms on one core). Freezing has computed wrong results
-    for some models on the CPU (CenterNet-MobileNetV3, torch 2.14: 81 % off), so the frozen program is
+    for some models on the CPU (torch 2.14: a float attribute multiplied in as 3.0 instead of 16.0 in
+    CenterNet-MobileNetV3, now a buffer), so the frozen program is
     run once on copies of the state against the traced graph run as it is, and on a disagreement the
     program is compiled again without freezing (``freezing_failed``). On CUDA freezing is not used: the
     folding above is what it would add there.

@@ -130,9 +130,9 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
     The compiled outputs on ``example`` are checked against the eager model's, within ``rtol`` of the
     largest output (default 1e-3 in fp32, 2e-2 in fp16/bf16 and in fp32 on CUDA with TF32 convolutions,
     PyTorch's default there: measured 3.7e-3 for CenterNet on an H200, with and without freezing).
-    Freezing has given wrong results (CPU, torch 2.14, freezing set in inductor's config around the first
-    call: CenterNet's box head off by 80 %): on a mismatch the model is compiled again without freezing,
-    with a warning, and if that also disagrees a ``RuntimeError`` says so.
+    Freezing has given wrong results (CPU, torch 2.14: CenterNet's box head 81 % off while its scale was
+    a float attribute, a float multiplied in as another constant): on a mismatch the model is compiled
+    again without freezing, with a warning, and if that also disagrees a ``RuntimeError`` says so.
     """
     if rtol is None:
         tf32 = example.is_cuda and example.dtype == torch.float32 and (

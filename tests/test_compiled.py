@@ -208,6 +208,26 @@ def test_compiled_dense_folds_batchnorm_into_the_convolutions():
     assert any("sqrt" in program for program in code), "without freezing BatchNorm stays in the program"
 
 
+def test_compiled_dense_drops_freezing_where_it_is_wrong(monkeypatch):
+    """compile_dense checks the compiled outputs against the eager model's: when freezing gives other
+    results (it has, for CenterNet on the CPU), it compiles without it, with a warning."""
+    import blockcopy_core.protocol as protocol
+
+    compiled_for_inference = protocol._compiled_for_inference
+
+    def wrong_when_frozen(model, freezing):
+        call = compiled_for_inference(model, freezing)
+        return (lambda x: call(x) * 1.5) if freezing else call
+
+    monkeypatch.setattr(protocol, "_compiled_for_inference", wrong_when_frozen)
+    model = small_model()
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.warns(RuntimeWarning, match="compiling it without freezing"):
+        fast = protocol.compile_dense(model, x)
+    with torch.no_grad():
+        assert rel_error(fast(x), model(x)) <= 1e-5
+
+
 class ConvNormPairs(nn.Module):
     """Two BatchNorms that fold (after a convolution with and one without bias) and three that must not:
     after a ReLU, after a convolution whose output is also read elsewhere, after a transposed one."""

@@ -386,7 +386,10 @@ class CenterNetHead(nn.Module):
         self.global_context = GlobalContext(64 + 64, 32)
         self.cls_output = SeparableConv(128, num_classes, 3)
         self.wh_output = SeparableConv(128, 4, 3)
-        self.wh_scale = wh_scale
+        # a 0-d buffer, not a float attribute: torch.compile with freezing multiplied by 3.0 instead of
+        # a float 16.0 here (CPU, torch 2.14; the model's hard-swish also adds 3.0), and a tensor it gets
+        # right. Not persistent: the state dict keeps its keys.
+        self.register_buffer("wh_scale", torch.tensor(float(wh_scale)), persistent=False)
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Backbone maps (see ``MobileNetV3Backbone``) -> {"heatmap": (N, K, H/4, W/4),
