@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from .adapters import OutputAdapter
 from .captured_loop import captured_function
+from .compiled import agreement_tolerance, relative_error
 from .blockcopy import RunStatistics, StepResult
 from .engine import FrameStats
 from .graphs import graphed, graphed_by_shape
@@ -128,8 +129,8 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
     or buffers are not seen (compile again after loading other weights).
 
     The compiled outputs on ``example`` are checked against the eager model's, within ``rtol`` of the
-    largest output (default 1e-3 in fp32, 2e-2 in fp16/bf16 and in fp32 on CUDA with TF32 convolutions,
-    PyTorch's default there: measured 3.7e-3 for CenterNet on an H200, with and without freezing).
+    largest output (default :func:`compiled.agreement_tolerance`: 1e-3 in fp32, 2e-2 in fp16 and in fp32
+    on CUDA with TF32 convolutions, measured 3.7e-3 for CenterNet on an H200; 1e-1 in bf16).
     Freezing has given wrong results (CPU, torch 2.14: CenterNet's box head 81 % off while its scale was
     a float attribute, a float multiplied in as another constant): on a mismatch the model is compiled
     again without freezing, with a warning, and if that also disagrees a ``RuntimeError`` says so.
@@ -137,7 +138,7 @@ def compile_dense(model: torch.nn.Module, example: torch.Tensor, *, rtol: float 
     if rtol is None:
         tf32 = example.is_cuda and example.dtype == torch.float32 and (
             torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
-        rtol = 1e-3 if example.dtype in (torch.float32, torch.float64) and not tf32 else 2e-2
+        rtol = agreement_tolerance(example.dtype, tf32)
     with torch.no_grad():
         expected = model(example)
     for freezing in (True, False):
@@ -171,14 +172,6 @@ def _compiled_for_inference(model: torch.nn.Module, freezing: bool) -> Callable[
             return compiled(x)
 
     return call
-
-
-def relative_error(actual, expected) -> float:
-    """Largest |actual - expected| over the tensors of two outputs (tensors or nestings of them),
-    relative to the largest |expected|, computed in float32."""
-    errors = [((a.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-12)).item()
-              for a, e in zip(tree_leaves(actual), tree_leaves(expected))]
-    return max(errors) if errors else 0.0
 
 
 def _synchronize(frames: torch.Tensor) -> None:
