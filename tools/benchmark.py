@@ -3,7 +3,9 @@
 CPU with ``--threads`` threads: no CUDA graphs there, each model runs as it is or compiled).
 
 For each model, dtype, batch N (streams) and executed fraction f, these per-frame times are measured
-with CUDA events (on the CPU: wall time) as the median over ``--frames`` frames after ``--warmup`` frames:
+with CUDA events (on the CPU: wall time) as the median over ``--frames`` frames after ``--warmup`` frames,
+the four sides of a row (compiled dense, dense, block-sparse, compiled block-sparse) taking turns on
+every frame, so that a slow drift of the host cannot fall on one side of a ratio:
 
 - compiled dense: the strongest dense baseline a user would pick, the same model compiled with
   ``torch.compile`` (inductor, ``freezing``: BatchNorm folded into the convolutions) in a CUDA graph
@@ -17,7 +19,7 @@ with CUDA events (on the CPU: wall time) as the median over ``--frames`` frames 
   its CUDA graph), compiled ahead of the timed frames with ``warmup()``; its compile time and its
   largest relative difference from the eager engine on one frame (same executed blocks) are recorded;
 - memory: what the block-sparse model keeps allocated per stream (layer states, outputs, static inputs
-  and the CUDA graphs' memory pool), after the timed frames;
+  and the CUDA graphs' memory pool), after one frame on each of the 16 grids the timed frames use;
 - tiles only: the same model (CUDA graph) on the batch of executed tiles alone, with plain zero padding
   and no state: the convolution time the sparse run cannot avoid. ``sparse - tiles`` is the engine's
   overhead (state scatter, halo gathers, output scatter, bucket bookkeeping), as in the paper's Table 3;
@@ -26,7 +28,9 @@ with CUDA events (on the CPU: wall time) as the median over ``--frames`` frames 
 
 With ``--profile``, one eager sparse frame per configuration is also run under the PyTorch profiler
 and its GPU kernel time is split into convolutions, the engine's tile kernels (gather / scatter /
-state) and everything else (norms, activations, pooling, bookkeeping). On the CPU, one frame each of
+state) and everything else (norms, activations, pooling, bookkeeping); the GPU kernel time per frame
+of compiled dense and of the compiled engine is recorded too (``gpu_kernel_ms_*``: against the wall
+time, how long the GPU waited for the host). On the CPU, one frame each of
 the compiled dense model, the eager engine and the compiled engine is split into convolution operators
 and the rest (``cpu_ms_*`` in the JSON): a block-sparse frame's rest holds its tile moves together with
 its elementwise work (norms, activations, adds), which the dense frame's rest shows on the whole frame.
@@ -42,6 +46,7 @@ import json
 import platform
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torchvision
@@ -50,7 +55,7 @@ from tqdm import tqdm
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
 from blockcopy_core.protocol import compile_dense, relative_error
-from blockcopy_core.timing import median_step_ms, synchronize
+from blockcopy_core.timing import synchronize
 
 def torchvision_trunk(name: str) -> torch.nn.Module:
     """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
@@ -106,22 +111,55 @@ def trunk(name: str) -> torch.nn.Module:
     return TRUNKS[name]().eval()
 
 
-def median_ms(step, frames: int, warmup: int, cuda: bool = True) -> float:
-    """Median ms of ``step(warmup .. warmup + frames - 1)`` after ``step(0 .. warmup - 1)``: CUDA events for
-    work on a GPU, wall time for work on the CPU."""
-    if not cuda:
-        return median_step_ms(step, frames, warmup)
+def interleaved_ms(steps: dict[str, Callable[[int], object]], frames: int, warmup: int,
+                   cuda: bool = True) -> dict[str, float]:
+    """Median ms of each of ``steps`` (name: ``step(i)``) over i = warmup .. warmup + frames - 1, after
+    ``step(0 .. warmup - 1)``, the steps taking turns within each i: CUDA events for work on a GPU, wall
+    time on the CPU. Taking turns cancels slow drifts of the host (its part of a frame ran 10-40 % slower
+    for minutes at a time on the GPU machine), which would otherwise fall on one side of a comparison."""
     for i in range(warmup):
+        for step in steps.values():
+            step(i)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(warmup, warmup + frames):
+        for name, step in steps.items():
+            times[name].append(_step_ms(step, i, cuda))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def median_ms(step: Callable[[int], object], frames: int, warmup: int, cuda: bool = True) -> float:
+    """:func:`interleaved_ms` of one step."""
+    return interleaved_ms({"step": step}, frames, warmup, cuda)["step"]
+
+
+def _step_ms(step: Callable[[int], object], i: int, cuda: bool) -> float:
+    """ms of ``step(i)``: between CUDA events on a GPU, wall time (synchronised) on the CPU."""
+    if not cuda:
+        synchronize()
+        began = time.perf_counter()
         step(i)
-    times = []
-    for i in range(frames):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(warmup + i)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return 1e3 * (time.perf_counter() - began)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def gpu_kernel_ms(step: Callable[[], object], frames: int = 5) -> float:
+    """GPU kernel time per ``step()`` (ms, summed over kernels, under the PyTorch profiler, ``frames``
+    steps after one untimed): against a step's wall time it shows how long the GPU idled, waiting for the
+    host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(frames):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / 1e3 / frames
 
 
 def kernel_breakdown(sparse, frames: torch.Tensor, grid: torch.Tensor) -> dict[str, float]:
@@ -174,106 +212,118 @@ def random_grids(count: int, n: int, gh: int, gw: int, fraction: float, device) 
 
 
 @torch.no_grad()
-def compiled_ms(model, video, frames: int, warmup: int, split: bool = False) -> tuple[float, float, dict]:
-    """(median ms per frame, compile seconds, :func:`cpu_time_split` of a frame if ``split``) of ``model``
-    under ``torch.compile`` with inductor and freezing, on CUDA in a CUDA graph
-    (``blockcopy_core.protocol.compile_dense``: checked against the eager model)."""
-    started = time.perf_counter()
-    fast = compile_dense(model, video[0])
-    synchronize()
-    compile_seconds = time.perf_counter() - started
-    ms = median_ms(lambda i: fast(video[i % len(video)]), frames, warmup, video[0].is_cuda)
-    times = cpu_time_split(lambda: fast(video[1])) if split else {}
-    torch._dynamo.reset()
-    return ms, compile_seconds, times
+def compiled_engine(model, video, block: int, fraction: float):
+    """``convert(model, block, compile=True)`` with its clip started and its programs for ``fraction``
+    compiled ahead (``warmup``); returns (engine, compile seconds)."""
+    n, _, height, width = video[0].shape
+    fast = bc.convert(model, block, compile=True)
+    fast(video[0], torch.ones(n, 1, height // block, width // block, dtype=torch.bool, device=video[0].device))
+    return fast, sum(fast.warmup([fraction]).values())
 
 
 @torch.no_grad()
-def compiled_sparse_ms(model, eager, video, grids, block, frames: int, warmup: int, fraction: float,
-                       tiles: torch.Tensor, split: bool = False) -> dict:
-    """Time ``convert(model, block, compile=True)`` on the grids, compare one frame with ``eager``, and time
-    the compiled model on ``tiles`` (the executed tiles: the compiled engine's ceiling); with ``split``
-    also :func:`cpu_time_split` of one compiled frame."""
+def compiled_checks(model, fast, eager, video, block, frames: int, warmup: int, grid: torch.Tensor,
+                    tiles: torch.Tensor) -> dict:
+    """The compiled engine ``fast`` against the eager one (largest relative difference on one frame, same
+    executed blocks, both after a full frame), and the compiled model on the executed ``tiles`` alone:
+    the compiled engine's ceiling."""
     n, _, height, width = video[0].shape
     full = torch.ones(n, 1, height // block, width // block, dtype=torch.bool, device=video[0].device)
-    fast = bc.convert(model, block, compile=True)
-    fast(video[0], full)
-    compile_seconds = sum(fast.warmup([fraction]).values())
-    cuda = video[0].is_cuda
-    ms = median_ms(lambda i: fast(video[i % 4], grids[i % 16]), frames, warmup, cuda)
-    times = cpu_time_split(lambda: fast(video[2], grids[1])) if split else {}
     for engine in (fast, eager):
         engine.reset()
         engine(video[0], full)
-    out = fast(video[1], grids[0])
+    out = fast(video[1], grid)
     error = relative_error(out, eager(video[1], fast.executed_grid))
     # a second shape of the same model would otherwise be compiled with dynamic shapes
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         tiles_only = compile_dense(model, tiles)
-        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, cuda)
-    torch._dynamo.reset()
-    return {"compiled_sparse_ms": ms, "sparse_compile_seconds": compile_seconds, "compiled_rel_error": error,
-            "compiled_tiles_only_ms": tiles_ms, "compiled_overhead_ms": ms - tiles_ms,
-            **{f"cpu_ms_compiled_sparse_{kind}": v for kind, v in times.items()}}
+        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, video[0].is_cuda)
+    return {"compiled_rel_error": error, "compiled_tiles_only_ms": tiles_ms}
 
 
 @torch.no_grad()
 def measure(model_name, dtype, n, fractions, height, width, block, frames, warmup, profile,
-            compile_dense, compile_sparse, device: torch.device) -> list[dict]:
+            compile_dense_model, compile_sparse, device: torch.device) -> list[dict]:
+    """The rows of one model, dtype and N: for each fraction, every side of the comparison is timed in
+    turns (:func:`interleaved_ms`)."""
     cuda = device.type == "cuda"
     model = trunk(model_name).to(device=device, dtype=dtype, memory_format=torch.channels_last)
     video = [torch.randn(n, 3, height, width, device=device, dtype=dtype).contiguous(
         memory_format=torch.channels_last) for _ in range(4)]
     dense = graphed(model, video[0]) if cuda else model
-    dense_ms = median_ms(lambda i: dense(video[i % 4]), frames, warmup, cuda)
     dense_macs = bc.count_macs(model, video[0])
-    split = profile and not cuda
-    best_ms, compile_seconds, dense_split = compiled_ms(model, video, frames, warmup, split) if compile_dense \
-        else (dense_ms, 0.0, {})
+    best, compile_seconds, dense_split = None, 0.0, {}
+    if compile_dense_model:
+        started = time.perf_counter()
+        best = compile_dense(model, video[0])  # checked against the eager model
+        best(video[1])
+        synchronize()
+        compile_seconds = time.perf_counter() - started
+        if profile and not cuda:
+            dense_split = cpu_time_split(lambda: best(video[1]))
 
     gh, gw = height // block, width // block
     rows = []
     for fraction in fractions:
-        gc.collect()  # free the previous fraction's engine (states, CUDA graphs) before measuring memory
+        gc.collect()  # free the previous fraction's engines (states, CUDA graphs) before measuring memory
         synchronize()
         before = torch.cuda.memory_allocated() if cuda else 0
         sparse = bc.convert(model, block)
         sparse(video[0], torch.ones(n, 1, gh, gw, dtype=torch.bool, device=device))
         grids = random_grids(16, n, gh, gw, fraction, device)
-        sparse_ms = median_ms(lambda i: sparse(video[i % 4], grids[i % 16]), frames, warmup, cuda)
+        for i, grid in enumerate(grids):  # every bucket the timed frames meet is captured
+            sparse(video[i % 4], grid)
         executed = sparse.last_stats.executed_blocks
         synchronize()
         # states, outputs, graph pools (not measured on the CPU)
         memory = (torch.cuda.memory_allocated() - before) / n if cuda else float("nan")
+        steps = {"dense_ms": lambda i: dense(video[i % 4]), "sparse_ms": lambda i: sparse(video[i % 4], grids[i % 16])}
+        if best is not None:
+            steps["compiled_dense_ms"] = lambda i: best(video[i % 4])
+        fast, sparse_compile_seconds = compiled_engine(model, video, block, fraction) if compile_sparse else (None, 0)
+        if fast is not None:
+            steps["compiled_sparse_ms"] = lambda i: fast(video[i % 4], grids[i % 16])
+        timed = interleaved_ms(steps, frames, warmup, cuda)
+        timed.setdefault("compiled_dense_ms", timed["dense_ms"])
+        best_ms = timed["compiled_dense_ms"]
+
         tiles = torch.randn(executed, 3, block, block, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
         tiles_only = graphed(model, tiles) if cuda else model
         tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, cuda)
-        breakdown = {}
+        extra = {}
         if profile and cuda:
-            breakdown = {f"kernel_ms_{k}": v for k, v in kernel_breakdown(sparse, video[1], grids[0]).items()}
-        elif split:
-            eager_split = cpu_time_split(lambda: sparse(video[1], grids[0]))
-            breakdown = {**{f"cpu_ms_compiled_dense_{k}": v for k, v in dense_split.items()},
-                         **{f"cpu_ms_sparse_{k}": v for k, v in eager_split.items()}}
-        fast = compiled_sparse_ms(model, sparse, video, grids, block, frames, warmup, fraction, tiles, split) \
-            if compile_sparse else {}
-        if fast:
-            fast["compiled_speedup_vs_compiled"] = best_ms / fast["compiled_sparse_ms"]
+            extra = {f"kernel_ms_{k}": v for k, v in kernel_breakdown(sparse, video[1], grids[0]).items()}
+            if best is not None:
+                extra["gpu_kernel_ms_compiled_dense"] = gpu_kernel_ms(lambda: best(video[1]))
+            if fast is not None:
+                extra["gpu_kernel_ms_compiled_sparse"] = gpu_kernel_ms(lambda: fast(video[1], grids[1]))
+        elif profile:
+            extra = {**{f"cpu_ms_compiled_dense_{k}": v for k, v in dense_split.items()},
+                     **{f"cpu_ms_sparse_{k}": v for k, v in cpu_time_split(lambda: sparse(video[1], grids[0])).items()}}
+            if fast is not None:
+                extra.update({f"cpu_ms_compiled_sparse_{k}": v
+                              for k, v in cpu_time_split(lambda: fast(video[2], grids[1])).items()})
+        if fast is not None:
+            extra.update(compiled_checks(model, fast, sparse, video, block, frames, warmup, grids[0], tiles))
+            extra.update(sparse_compile_seconds=sparse_compile_seconds,
+                         compiled_speedup_vs_compiled=best_ms / timed["compiled_sparse_ms"],
+                         compiled_overhead_ms=timed["compiled_sparse_ms"] - extra["compiled_tiles_only_ms"])
         rows.append({
             "model": model_name, "dtype": str(dtype).replace("torch.", ""), "batch": n, "fraction": fraction,
-            "executed_fraction": executed / (n * gh * gw), "dense_ms": dense_ms, "sparse_ms": sparse_ms,
-            "tiles_only_ms": tiles_ms, "overhead_ms": sparse_ms - tiles_ms, "speedup": dense_ms / sparse_ms,
-            "compiled_dense_ms": best_ms, "compile_seconds": compile_seconds,
-            "speedup_vs_compiled": best_ms / sparse_ms,
+            "executed_fraction": executed / (n * gh * gw), **timed,
+            "tiles_only_ms": tiles_ms, "overhead_ms": timed["sparse_ms"] - tiles_ms,
+            "speedup": timed["dense_ms"] / timed["sparse_ms"], "compile_seconds": compile_seconds,
+            "speedup_vs_compiled": best_ms / timed["sparse_ms"],
             "ideal_speedup": 1 / fraction, "dense_gmacs_per_stream": dense_macs / n / 1e9,
             "sparse_gmacs_per_stream": sparse.last_stats.macs / n / 1e9,
             "sparse_memory_mib_per_stream": memory / 2**20, "cuda_graphs": len(sparse._graphs) if cuda else 0,
-            **breakdown, **fast,
+            **extra,
         })
-        sparse = tiles_only = None  # free the engine (states, CUDA graphs) before the next fraction
+        sparse = fast = tiles_only = None  # free the engines (states, CUDA graphs) before the next fraction
         if cuda:
             torch.cuda.empty_cache()
+    torch._dynamo.reset()  # the next configuration compiles the model afresh
     return rows
 
 
