@@ -20,20 +20,37 @@ def median_step_ms(step: Callable[[int], object], count: int, warmup: int) -> fl
     return interleaved_step_ms({"step": step}, count, warmup)["step"]
 
 
-def interleaved_step_ms(steps: dict[str, Callable[[int], object]], count: int, start: int) -> dict[str, float]:
-    """Median wall time in ms of each of ``steps`` (name: ``step(i)``), for i = start .. start + count - 1,
-    the steps taking turns within each i, CUDA synchronised before and after each call.
-    Taking turns cancels slow drifts of the machine (host clock, other work on it) that would otherwise fall
-    on one side of a comparison; nothing is run untimed."""
+def interleaved_step_ms(steps: dict[str, Callable[[int], object]], count: int, start: int,
+                        events: bool = False) -> dict[str, float]:
+    """Median time in ms of each of ``steps`` (name: ``step(i)``), for i = start .. start + count - 1,
+    the steps taking turns within each i. Taking turns cancels slow drifts of the machine (host clock,
+    other work on it) that would otherwise fall on one side of a comparison; nothing is run untimed.
+
+    Each call is timed by wall clock with CUDA synchronised before and after it, or, with ``events``,
+    between CUDA events recorded before and after it on the current stream (the span from the first work
+    the call queues to the last, waiting for the end event only)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i in range(start, start + count):
         for name, step in steps.items():
-            synchronize()
-            began = time.perf_counter()
-            step(i)
-            synchronize()
-            times[name].append(1e3 * (time.perf_counter() - began))
+            times[name].append(_event_ms(step, i) if events else _wall_ms(step, i))
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _wall_ms(step: Callable[[int], object], i: int) -> float:
+    synchronize()
+    began = time.perf_counter()
+    step(i)
+    synchronize()
+    return 1e3 * (time.perf_counter() - began)
+
+
+def _event_ms(step: Callable[[int], object], i: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step(i)
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def benchmark_environment(cuda: bool) -> dict[str, str]:

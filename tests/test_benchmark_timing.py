@@ -17,6 +17,18 @@ def test_interleaved_steps_take_turns_on_each_index():
     assert set(medians) == {"dense", "sparse"} and all(ms >= 0 for ms in medians.values())
 
 
+def test_benchmark_warms_every_side_up_then_times_them_in_turns():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO_ROOT / "tools" / "benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    calls = []
+    medians = bench.interleaved_ms({"dense": lambda i: calls.append(("dense", i)),
+                                    "sparse": lambda i: calls.append(("sparse", i))}, frames=2, warmup=1, cuda=False)
+    assert calls == [("dense", 0), ("sparse", 0), ("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2)]
+    assert set(medians) == {"dense", "sparse"}
+    assert bench.median_ms(lambda i: None, frames=3, warmup=0, cuda=False) >= 0
+
+
 def _benchmark_d2():
     pytest.importorskip("detectron2")
     spec = importlib.util.spec_from_file_location("benchmark_d2", REPO_ROOT / "tools" / "benchmark_d2.py")

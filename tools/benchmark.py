@@ -44,7 +44,6 @@ import datetime
 import gc
 import json
 import platform
-import statistics
 import time
 from typing import Callable
 
@@ -55,7 +54,7 @@ from tqdm import tqdm
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
 from blockcopy_core.protocol import compile_dense, relative_error
-from blockcopy_core.timing import synchronize
+from blockcopy_core.timing import interleaved_step_ms, synchronize
 
 def torchvision_trunk(name: str) -> torch.nn.Module:
     """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
@@ -114,37 +113,19 @@ def trunk(name: str) -> torch.nn.Module:
 def interleaved_ms(steps: dict[str, Callable[[int], object]], frames: int, warmup: int,
                    cuda: bool = True) -> dict[str, float]:
     """Median ms of each of ``steps`` (name: ``step(i)``) over i = warmup .. warmup + frames - 1, after
-    ``step(0 .. warmup - 1)``, the steps taking turns within each i: CUDA events for work on a GPU, wall
-    time on the CPU. Taking turns cancels slow drifts of the host (its part of a frame ran 10-40 % slower
-    for minutes at a time on the GPU machine), which would otherwise fall on one side of a comparison."""
+    ``step(0 .. warmup - 1)``, the steps taking turns within each i
+    (:func:`blockcopy_core.timing.interleaved_step_ms`): CUDA events for work on a GPU, wall time on the
+    CPU. The host's part of a frame ran 10-40 % slower for minutes at a time on the GPU machine; taking
+    turns keeps such drifts off one side of a ratio."""
     for i in range(warmup):
         for step in steps.values():
             step(i)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for i in range(warmup, warmup + frames):
-        for name, step in steps.items():
-            times[name].append(_step_ms(step, i, cuda))
-    return {name: statistics.median(values) for name, values in times.items()}
+    return interleaved_step_ms(steps, frames, warmup, events=cuda)
 
 
 def median_ms(step: Callable[[int], object], frames: int, warmup: int, cuda: bool = True) -> float:
     """:func:`interleaved_ms` of one step."""
     return interleaved_ms({"step": step}, frames, warmup, cuda)["step"]
-
-
-def _step_ms(step: Callable[[int], object], i: int, cuda: bool) -> float:
-    """ms of ``step(i)``: between CUDA events on a GPU, wall time (synchronised) on the CPU."""
-    if not cuda:
-        synchronize()
-        began = time.perf_counter()
-        step(i)
-        return 1e3 * (time.perf_counter() - began)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    step(i)
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def gpu_kernel_ms(step: Callable[[], object], frames: int = 5) -> float:
