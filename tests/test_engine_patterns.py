@@ -162,13 +162,18 @@ def test_channels_last_output_is_refused():
 
 # --- precision ----------------------------------------------------------------------------------------
 
-def test_group_norm_statistics_keep_float64():
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_group_norm_statistics_keep_float64(memory_format):
+    """Per-channel statistics combined per group (read from the state as it lies in memory) keep fp64."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.Conv2d(8, 4, 3, padding=1))
-    model = model.double().eval()
+    model = model.double().eval().to(memory_format=memory_format)
     sparse = bc.convert(model, BLOCK, dense_when_full=False)
     full = torch.ones(N, 1, H // BLOCK, W // BLOCK, dtype=torch.bool)
-    sparse(torch.randn(N, 3, H, W, dtype=torch.float64), full)
+    sparse(torch.randn(N, 3, H, W, dtype=torch.float64).contiguous(memory_format=memory_format), full)
     x = 3 + 10 * torch.randn(N, 3, H, W, dtype=torch.float64)  # large mean: fp32 statistics lose digits
+    x = x.contiguous(memory_format=memory_format)
+    (norm_state,) = [site for site in sparse.layer_states if site.op == "group_norm"]
+    assert norm_state.dense.is_contiguous(memory_format=memory_format)
     assert rel_error(sparse(x, full), model(x)) <= 1e-12  # every block on tiles, statistics from the state
 
 

@@ -60,20 +60,38 @@ def group_norm(ex, name, func, args, kwargs):
     dense = _dense_input(ex, name, x)
     if ex.dense_phase:
         return wrap(call(func, args, kwargs), SPATIAL)
-    n, c = dense.shape[:2]
-    compute = torch.promote_types(dense.dtype, torch.float32)  # fp16/bf16 statistics in fp32, fp64 in fp64
-    var, mu = torch.var_mean(dense.reshape(n, groups, -1).to(compute), dim=-1, unbiased=False)  # (N, G)
-    inv_std = torch.rsqrt(var + eps)
+    c = dense.shape[1]
+    var, mu = _group_statistics(dense, groups)  # (N, G)
+    # per channel (N, C, 1, 1), so that the tiles are normalised in their own memory layout
+    inv_std, mu = (t.repeat_interleave(c // groups, dim=1)[:, :, None, None] for t in (torch.rsqrt(var + eps), mu))
     tiles = plain(x)
-    k, _, th, tw = tiles.shape
-    grouped = tiles.reshape(k, groups, -1).to(compute)
     stream = ex.index.stream
-    out = ((grouped - mu[stream, :, None]) * inv_std[stream, :, None]).reshape(k, c, th, tw).to(tiles.dtype)
+    out = ((tiles.to(mu.dtype) - mu[stream]) * inv_std[stream]).to(tiles.dtype)
     if weight is not None:
         out = out * weight.view(1, c, 1, 1)
     if bias is not None:
         out = out + bias.view(1, c, 1, 1)
     return wrap(out, SPATIAL)
+
+
+def _group_statistics(dense: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased variance and mean of each group of channels of a dense (N, C, H, W) map: (N, G) each, in fp32
+    (fp64 for fp64 maps). Each channel's mean and variance (two passes) are reduced over a view of the
+    map as it lies in memory, (N, H*W, C) for channels_last: grouping the channels first meant a
+    transposed copy of the whole map there (one core, a 256-channel 128x256 map: 136 against 45 ms per
+    call channels_last, 47 against 40 ms NCHW). The groups then combine their channels by the law of
+    total variance (equal counts per channel): var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2)."""
+    n, c = dense.shape[:2]
+    compute = torch.promote_types(dense.dtype, torch.float32)  # fp16/bf16 statistics in fp32, fp64 in fp64
+    if dense.is_contiguous() or not dense.is_contiguous(memory_format=torch.channels_last):
+        flat, dim = dense.reshape(n, c, -1).to(compute), 2
+    else:
+        flat, dim = dense.permute(0, 2, 3, 1).reshape(n, -1, c).to(compute), 1
+    mu = flat.mean(dim=dim)
+    var = (flat - mu.unsqueeze(dim)).square().mean(dim=dim)
+    var, mu = var.view(n, groups, c // groups), mu.view(n, groups, c // groups)
+    group_mu = mu.mean(dim=-1, keepdim=True)
+    return (var + (mu - group_mu).square()).mean(dim=-1), group_mu.squeeze(-1)
 
 
 HANDLERS = {
