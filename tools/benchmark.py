@@ -302,9 +302,12 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
             **extra,
         })
         sparse = fast = tiles_only = None  # free the engines (states, CUDA graphs) before the next fraction
+        # each tile batch's shape is one more dynamo cache entry of the model's code: past the recompile
+        # limit dynamo would run new shapes eagerly. On CUDA the compiled dense model keeps its captured
+        # graph; on the CPU it compiles again in the next fraction's warm-up.
+        torch._dynamo.reset()
         if cuda:
             torch.cuda.empty_cache()
-    torch._dynamo.reset()  # the next configuration compiles the model afresh
     return rows
 
 
