@@ -319,10 +319,15 @@ class BlockSparseModel(nn.Module):
         # compiled programs the old weight tensors.
         self.reset()
         self._spare = None
+        self._forget_programs()
+        return super()._apply(fn, recurse)
+
+    def _forget_programs(self) -> None:
+        """Drop the compiled frame programs and the folded weights they read (the weights changed or moved);
+        freezing is tried again on the CPU."""
         self._programs.clear()
         self._folded.clear()
         self._freeze = True
-        return super()._apply(fn, recurse)
 
     def _push_module(self, module: nn.Module, args) -> None:
         label = self._module_labels.get(id(module))
@@ -580,9 +585,7 @@ class BlockSparseModel(nn.Module):
             weights = tuple((t.data_ptr(), t._version) for t in self._wrapped.state_dict(keep_vars=True).values()
                             if isinstance(t, torch.Tensor))
             if weights != self._weights_seen:
-                self._programs.clear()
-                self._folded.clear()
-                self._freeze = True
+                self._forget_programs()
                 self._weights_seen = weights
                 spare = None  # its bound programs are stale
         if spare is not None and (spare.geometry, spare.input_format, spare.input_layouts) == (

@@ -11,13 +11,13 @@ from typing import Callable
 import torch
 
 
-def median_step_ms(step: Callable[[int], object], count: int, warmup: int) -> float:
-    """Median wall time in ms of ``step(i)`` for i = warmup .. warmup + count - 1, after ``step(0 .. warmup
-    - 1)`` untimed; CUDA is synchronised before and after each timed call, so a step's asynchronous work
-    counts in full."""
+def median_step_ms(step: Callable[[int], object], count: int, warmup: int, events: bool = False) -> float:
+    """Median time in ms of ``step(i)`` for i = warmup .. warmup + count - 1, after ``step(0 .. warmup - 1)``
+    untimed: wall time with CUDA synchronised before and after each timed call, so a step's asynchronous
+    work counts in full, or CUDA events with ``events`` (see :func:`interleaved_step_ms`)."""
     for i in range(warmup):
         step(i)
-    return interleaved_step_ms({"step": step}, count, warmup)["step"]
+    return interleaved_step_ms({"step": step}, count, warmup, events)["step"]
 
 
 def interleaved_step_ms(steps: dict[str, Callable[[int], object]], count: int, start: int,

@@ -54,7 +54,7 @@ from tqdm import tqdm
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
 from blockcopy_core.protocol import compile_dense, relative_error
-from blockcopy_core.timing import interleaved_step_ms, synchronize
+from blockcopy_core.timing import interleaved_step_ms, median_step_ms, synchronize
 
 def torchvision_trunk(name: str) -> torch.nn.Module:
     """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
@@ -121,11 +121,6 @@ def interleaved_ms(steps: dict[str, Callable[[int], object]], frames: int, warmu
         for step in steps.values():
             step(i)
     return interleaved_step_ms(steps, frames, warmup, events=cuda)
-
-
-def median_ms(step: Callable[[int], object], frames: int, warmup: int, cuda: bool = True) -> float:
-    """:func:`interleaved_ms` of one step."""
-    return interleaved_ms({"step": step}, frames, warmup, cuda)["step"]
 
 
 def gpu_kernel_ms(step: Callable[[], object], frames: int = 5) -> float:
@@ -218,7 +213,7 @@ def compiled_checks(model, fast, eager, video, block, frames: int, warmup: int, 
     # a second shape of the same model would otherwise be compiled with dynamic shapes
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
         tiles_only = compile_dense(model, tiles)
-        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, video[0].is_cuda)
+        tiles_ms = median_step_ms(lambda i: tiles_only(tiles), frames, warmup, video[0].is_cuda)
     return {"compiled_rel_error": error, "compiled_tiles_only_ms": tiles_ms}
 
 
@@ -271,7 +266,7 @@ def measure(model_name, dtype, n, fractions, height, width, block, frames, warmu
         tiles = torch.randn(executed, 3, block, block, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
         tiles_only = graphed(model, tiles) if cuda else model
-        tiles_ms = median_ms(lambda i: tiles_only(tiles), frames, warmup, cuda)
+        tiles_ms = median_step_ms(lambda i: tiles_only(tiles), frames, warmup, cuda)
         extra = {}
         if profile and cuda:
             extra = {f"kernel_ms_{k}": v for k, v in kernel_breakdown(sparse, video[1], grids[0]).items()}

@@ -166,12 +166,9 @@ class CSPHead(BaseDenseHead):
         heights = heights * stride
         half_width = self.wh_ratio * heights / 2
         half_height = heights * 0.5
-        last_x, last_y = (x.new_tensor([[shape[i] - 1] for shape in img_shapes]) for i in (1, 0))  # (N, 1)
-        bboxes = torch.stack([torch.minimum((x - half_width).clamp_min(0), last_x),
-                              torch.minimum((y - half_height).clamp_min(0), last_y),
-                              torch.minimum((x + half_width).clamp_min(0), last_x),
-                              torch.minimum((y + half_height).clamp_min(0), last_y)], dim=-1)
-        return bboxes, scores
+        last = x.new_tensor([[w - 1, h - 1, w - 1, h - 1] for h, w in img_shapes])[:, None]  # (N, 1, 4)
+        bboxes = torch.stack([x - half_width, y - half_height, x + half_width, y + half_height], dim=-1)
+        return torch.minimum(bboxes.clamp_min(0), last), scores
 
     @staticmethod
     def _select(bboxes: Tensor, scores: Tensor, cfg, with_nms: bool) -> InstanceData:
