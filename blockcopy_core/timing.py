@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -58,6 +59,17 @@ def benchmark_environment(cuda: bool) -> dict[str, str]:
     return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(),
             "date": datetime.date.today().isoformat()}
+
+
+class PhaseLog:
+    """Progress of a long benchmark on stderr: one line per phase, with the seconds since the start, so that
+    a run stopped by a time limit shows where its time went (compilations, warm-ups, timed steps)."""
+
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self._started:7.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def print_top_operators(title: str, step: Callable[[], object]) -> None:

@@ -71,8 +71,8 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import blockcopy_d2  # noqa: E402,F401  (registers the meta-architectures)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
-from blockcopy_core.timing import (benchmark_environment, interleaved_step_ms, median_step_ms,  # noqa: E402
-                                   print_top_operators, synchronize)
+from blockcopy_core.timing import (PhaseLog, benchmark_environment, interleaved_step_ms,  # noqa: E402
+                                   median_step_ms, print_top_operators, synchronize)
 from blockcopy_d2.config import add_blockcopy_config, merge_config_file  # noqa: E402
 
 CONFIGS = {"maskrcnn": ROOT / "configs/Cityscapes/mask_rcnn_R_50_FPN_blockcopy_tau0.3.yaml",
@@ -301,8 +301,13 @@ def warm_mask_head(model: nn.Module, max_batch: int) -> None:
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
             warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool,
-            fast_loop: bool, profile: bool = False, stages: bool = False) -> list[dict]:
+            fast_loop: bool, profile: bool = False, stages: bool = False, log=lambda message: None,
+            measured=lambda row: None) -> dict:
+    """One row (model, dtype, N) with a result per tau; ``log(message)`` is told each phase, ``measured(row)``
+    is called after each tau with the row so far."""
     dtype = DTYPES[dtype_name]
+    title = f"{name} {dtype_name} N={n}"
+    log(f"{title}: eager fp32")
     cuda = device.type == "cuda"
     configs = {tau: blockcopy_config(name, tau, block, device, compile_engine, fast_loop) for tau in taus}
     torch.manual_seed(0)
@@ -320,6 +325,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     warm_mask_head(plain, max_batch)
     eager_ms = median_step_ms(steps(plain, inputs, []), frames, warmup)
 
+    log(f"{title}: eager")
     plain.to(device=device, dtype=dtype, memory_format=torch.channels_last)
     warm_mask_head(plain, max_batch)  # cuDNN's choices are per dtype and layout; BlockCopy's model shares them
     inputs = [batched_inputs(frame.to(device=device, dtype=dtype), clip=True) for frame in video]
@@ -329,6 +335,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
     images = plain.preprocess_image(inputs[0]).tensor
     weights = plain.state_dict()  # as the BlockCopy models load them (the substituted trunk renames them)
     eager_trunk = Trunk(plain)  # made before the substitution below, which it must not see
+    log(f"{title}: compiling the dense trunk")
     started = time.perf_counter()
     trunk = compile_dense(eager_trunk, images) if cuda else eager_trunk  # checked against the eager trunk
     dense_counts = []
@@ -350,6 +357,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             print(f"{name} {dtype_name} N={n} dense stages (ms, synchronised around each): "
                   + ", ".join(f"{stage} {ms:.2f}" for stage, ms in split.items()), flush=True)
         for tau in taus:
+            log(f"{title} tau {tau}: BlockCopy warm-up ({warmup} steps; buckets and the loop compile on first use)")
             torch.manual_seed(0)  # the policy's initial weights
             model = build_model(configs[tau])
             model.load_state_dict(weights, strict=True)
@@ -359,6 +367,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
                 model(inputs[i])
             model.reset_statistics()
             dense_counts.clear()
+            log(f"{title} tau {tau}: {frames} timed steps, dense and BlockCopy in turns")
             # dense and BlockCopy take turns on each time step (the dense model keeps no state between frames)
             ms = interleaved_step_ms({"dense": dense_step, "blockcopy": steps(model, inputs, counts)}, frames, warmup)
             stats = model.statistics
@@ -374,6 +383,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
                 print_top_operators(f"{name} {dtype_name} BlockCopy tau {tau}",
                                     lambda: steps(model, inputs, [])(warmup + frames - 1))
             if ceiling:
+                log(f"{title} tau {tau}: ceiling (compiling the trunk for the executed tiles)")
                 executed = round(row["blockcopy"][tau]["executed_fraction"] * n * (height // block) * (width // block))
                 tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype)
                 # a second shape of the same code would otherwise be compiled with dynamic shapes
@@ -385,7 +395,8 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             model = None  # its buffers and graphs go before the next tau's model is built
             if cuda:
                 torch.cuda.empty_cache()
-    return [row]
+            measured(row)
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -445,17 +456,20 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     environment = {**benchmark_environment(cuda), "size": f"{height}x{width}", "block": args.block,
                    "frames": args.frames, "warmup": args.warmup}
-    rows = []
+    rows, log = [], PhaseLog()
+
+    def measured(row: dict) -> None:  # the row being measured, not yet in rows
+        # written after every tau: a run stopped by a time limit keeps what it measured
+        print(markdown_table([{**row, "blockcopy": dict(list(row["blockcopy"].items())[-1:])}]), flush=True)
+        Path(args.json).write_text(json.dumps({"environment": environment, "results": rows + [row]}, indent=1))
+
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
             for n in (int(v) for v in args.streams.split(",")):
-                rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
-                                args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
-                                cuda and not args.eager_engine, cuda and not args.eager_loop, args.profile,
-                                args.stages)
-                print(markdown_table(rows[-1:]), flush=True)
-                # written after every configuration: a run stopped by a time limit keeps what it measured
-                Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
+                rows.append(measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
+                                    args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
+                                    cuda and not args.eager_engine, cuda and not args.eager_loop, args.profile,
+                                    args.stages, log, measured))
                 torch._dynamo.reset()
     print(f"\n{environment}\n\n{markdown_table(rows)}")
 

@@ -45,8 +45,8 @@ from mmengine.config import Config  # noqa: E402
 
 import blockcopy_mmdet  # noqa: E402,F401  (registers the models)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
-from blockcopy_core.timing import (benchmark_environment, interleaved_step_ms, median_step_ms,  # noqa: E402
-                                   print_top_operators)
+from blockcopy_core.timing import (PhaseLog, benchmark_environment, interleaved_step_ms,  # noqa: E402
+                                   median_step_ms, print_top_operators)
 from blockcopy_mmdet.detector import predict_from_trunk, trunk_of  # noqa: E402
 
 CONFIGS = {"csp": ROOT / "configs/_base_/models/csp_r50.py", "mgan": ROOT / "configs/_base_/models/mgan_vgg16.py"}
@@ -83,8 +83,13 @@ def samples(n: int, height: int, width: int, frame_id: int) -> list[DetDataSampl
 @torch.no_grad()
 def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, width: int, frames: int,
             warmup: int, block: int, ceiling: bool, device: torch.device, compile_engine: bool,
-            fast_loop: bool, profile: bool = False) -> list[dict]:
+            fast_loop: bool, profile: bool = False, log=lambda message: None,
+            measured=lambda row: None) -> dict:
+    """One row (model, dtype, N) with a result per tau; ``log(message)`` is told each phase, ``measured(row)``
+    is called after each tau with the row so far."""
     dtype = DTYPES[dtype_name]
+    title = f"{name} {dtype_name} N={n}"
+    log(f"{title}: eager")
     detector_cfg = Config.fromfile(str(CONFIGS[name])).model
     torch.manual_seed(0)
     plain = MODELS.build(detector_cfg).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
@@ -100,6 +105,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
 
     trunk = trunk_of(plain)
     eager_ms = median_step_ms(dense_step(trunk), frames, warmup)
+    log(f"{title}: compiling the dense network")
     started = time.perf_counter()
     fast = compile_dense(trunk, video[0])  # checked against the eager trunk
     dense_step(fast)(0)
@@ -113,6 +119,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
            "eager_ms": eager_ms, "compile_seconds": compile_s, "postprocess_ms": post_ms,
            "boxes_per_frame": statistics.mean(boxes), "blockcopy": {}}
     for tau in taus:
+        log(f"{title} tau {tau}: BlockCopy warm-up ({warmup} steps; buckets compile on first use)")
         torch.manual_seed(0)
         wrapped = MODELS.build(dict(type="BlockCopyDetector", detector=detector_cfg,
                                     blockcopy=dict(block_size=block, policy="rl", target=tau,
@@ -123,6 +130,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
         for i in range(warmup):  # the clip's dense first frame, then the warm-up (buckets compile on first use)
             wrapped.predict(video[i], metas[i])
         wrapped.reset_statistics()
+        log(f"{title} tau {tau}: {frames} timed steps, dense and BlockCopy in turns")
         # the compiled dense detector and BlockCopy take turns on each time step (dense keeps no state)
         paired = interleaved_step_ms({"compiled": dense_step(fast),
                                       "blockcopy": lambda i: wrapped.predict(video[i], metas[i])}, frames, warmup)
@@ -139,6 +147,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             print_top_operators(f"{name} {dtype_name} N={n} BlockCopy tau {tau}",
                                 lambda: wrapped.predict(video[last], metas[last]))
         if ceiling:  # compiles the network once more, for the tile batch's shape
+            log(f"{title} tau {tau}: ceiling (compiling the network for the executed tiles)")
             executed = round(row["blockcopy"][tau]["executed_fraction"] * n * (height // block) * (width // block))
             tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype).contiguous(
                 memory_format=torch.channels_last)
@@ -148,7 +157,8 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             row["blockcopy"][tau].update(ceiling_ms=tiles_ms + post_ms,
                                          ceiling_speedup=compiled_ms / (tiles_ms + post_ms))
         torch.cuda.empty_cache()
-    return [row]
+        measured(row)
+    return row
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -199,16 +209,20 @@ def main() -> None:
     height, width = (int(v) for v in args.size.split("x"))
     environment = {**benchmark_environment(args.device == "cuda"), "size": f"{height}x{width}", "block": args.block,
                    "frames": args.frames, "warmup": args.warmup}
-    rows = []
+    rows, log = [], PhaseLog()
+
+    def measured(row: dict) -> None:  # the row being measured, not yet in rows
+        # written after every tau: a run stopped by a time limit keeps what it measured
+        print(markdown_table([{**row, "blockcopy": dict(list(row["blockcopy"].items())[-1:])}]), flush=True)
+        Path(args.json).write_text(json.dumps({"environment": environment, "results": rows + [row]}, indent=1))
+
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
             for n in (int(v) for v in args.streams.split(",")):
-                rows += measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
-                                args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
-                                not args.eager_engine, args.device == "cuda" and not args.eager_loop, args.profile)
-                print(markdown_table(rows[-1:]), flush=True)
-                # written after every configuration: a run stopped by a time limit keeps what it measured
-                Path(args.json).write_text(json.dumps({"environment": environment, "results": rows}, indent=1))
+                rows.append(measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
+                                    args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
+                                    not args.eager_engine, args.device == "cuda" and not args.eager_loop,
+                                    args.profile, log, measured))
                 torch._dynamo.reset()
     print(f"\n{environment}\n\n{markdown_table(rows)}")
 
