@@ -105,6 +105,57 @@ void scatter(at::Tensor& state, const at::Tensor& tiles, const Windows& win, con
   });
 }
 
+// scatter, then gather of the same blocks with a halo, reading each tile once: its rows go to the state and
+// to the interior of its grown copy in one pass; the halo ring is read from the state after every tile of
+// the batch is in it (a ring pixel may lie in another executed block).
+template <typename T>
+void update_gather(at::Tensor& state, const at::Tensor& tiles, at::Tensor& out, const Windows& win, int64_t right,
+                   bool replicate, T value, const Layout& s) {
+  T* base = state.data_ptr<T>();
+  const T* tile_base = tiles.data_ptr<T>();
+  T* out_base = out.data_ptr<T>();
+  const int64_t K = tiles.size(0), t = tiles.size(2), out_h = out.size(2), out_w = out.size(3);
+  const int64_t top = win.top, left = win.left, planes = s.nhwc ? 1 : s.channels, pixel = s.nhwc ? s.channels : 1;
+  // element offsets of row y of stream n (channel c in NCHW), of tile k's row yy, of out k's row yy
+  auto state_row = [&](int64_t n, int64_t c, int64_t y) {
+    return s.nhwc ? (n * s.height + y) * s.width * s.channels : ((n * s.channels + c) * s.height + y) * s.width;
+  };
+  auto tile_row = [&](int64_t k, int64_t c, int64_t yy) { return ((k * planes + c) * t + yy) * t * pixel; };
+  auto out_row = [&](int64_t k, int64_t c, int64_t yy) { return ((k * planes + c) * out_h + yy) * out_w * pixel; };
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t n = win.stream[k], y = win.row[k] * t, x = win.col[k] * t;
+      for (int64_t c = 0; c < planes; ++c) {
+        for (int64_t yy = 0; yy < t; ++yy) {
+          const T* src = tile_base + tile_row(k, c, yy);
+          std::memcpy(base + state_row(n, c, y + yy) + x * pixel, src, sizeof(T) * t * pixel);
+          std::memcpy(out_base + out_row(k, c, top + yy) + left * pixel, src, sizeof(T) * t * pixel);
+        }
+      }
+    }
+  });
+  at::parallel_for(0, K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t n = win.stream[k], y0 = win.y0(k), x0 = win.x0(k);
+      for (int64_t c = 0; c < planes; ++c) {
+        for (int64_t yy = 0; yy < out_h; ++yy) {
+          int64_t y = y0 + yy;
+          const bool inside = y >= 0 && y < s.height;
+          if (!inside && replicate) y = std::min(std::max<int64_t>(y, 0), s.height - 1);
+          const T* row = inside || replicate ? base + state_row(n, c, y) : nullptr;
+          T* dst = out_base + out_row(k, c, yy);
+          if (yy < top || yy >= top + t) {
+            window_row<T>(dst, row, x0, out_w, s.width, pixel, replicate, value);
+          } else {  // an interior row: only its left and right halo
+            window_row<T>(dst, row, x0, left, s.width, pixel, replicate, value);
+            window_row<T>(dst + (left + t) * pixel, row, x0 + left + t, right, s.width, pixel, replicate, value);
+          }
+        }
+      }
+    }
+  });
+}
+
 Layout layout_of(const at::Tensor& state, const at::Tensor& tiles) {
   TORCH_CHECK(state.device().is_cpu() && tiles.device().is_cpu(), "blockcopy CPU tile kernels: CPU tensors only");
   TORCH_CHECK(state.dim() == 4 && tiles.dim() == 4, "blockcopy CPU tile kernels: 4-d state and tiles");
@@ -154,7 +205,26 @@ void scatter_windows(at::Tensor state, const at::Tensor& tiles, const at::Tensor
   });
 }
 
+// scatter_windows(state, tiles, ...), then out = gather_windows of the same blocks grown by (left, right, top,
+// bottom): out is (K, C, T + top + bottom, T + left + right).
+void update_gather_windows(at::Tensor state, const at::Tensor& tiles, at::Tensor out, const at::Tensor& stream,
+                           const at::Tensor& row, const at::Tensor& col, int64_t left, int64_t right, int64_t top,
+                           int64_t bottom, bool replicate, double value) {
+  const Layout s = layout_of(state, tiles);
+  layout_of(state, out);
+  TORCH_CHECK(tiles.size(2) == tiles.size(3), "blockcopy CPU tile kernels: square tiles");
+  const int64_t t = tiles.size(2);
+  TORCH_CHECK(out.size(0) == tiles.size(0) && out.size(2) == t + top + bottom && out.size(3) == t + left + right,
+              "blockcopy CPU tile kernels: the output must hold the tiles grown by the halo");
+  const Windows win = windows_of(stream, row, col, tiles.size(0), t, top, left);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, state.scalar_type(), "update_gather_windows", [&] {
+    update_gather<scalar_t>(state, tiles, out, win, right, replicate, static_cast<scalar_t>(value), s);
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_windows", &gather_windows, "gather (K, C, h, w) windows of a dense state (CPU)");
   m.def("scatter_windows", &scatter_windows, "write (K, C, T, T) tiles into a dense state (CPU)");
+  m.def("update_gather_windows", &update_gather_windows,
+        "write tiles into a dense state and gather them grown by a halo, in one pass over the tiles (CPU)");
 }

@@ -8,7 +8,7 @@ import torch
 from blockcopy_core import cpu_kernels
 from blockcopy_core.grid import TileIndex
 from blockcopy_core.tiles import (gather_tap_windows, gather_tiles, gather_tiles_reference, reference_moves,
-                                  scatter_tiles, scatter_tiles_reference)
+                                  scatter_tiles, scatter_tiles_reference, update_and_gather)
 
 
 @pytest.fixture(params=["kernels", "per-tile copies"])
@@ -76,6 +76,28 @@ def test_cpu_tile_copies_equal_the_reference(memory_format, border, value, dtype
     scatter_tiles(fast, tiles, index)
     scatter_tiles_reference(reference, tiles, index)
     assert torch.equal(fast, reference)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("border, value", [("constant", 0.0), ("constant", float("-inf")), ("replicate", 0.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_update_and_gather_equals_the_reference_scatter_then_gather(memory_format, border, value, dtype,
+                                                                        cpu_path):
+    """The one-pass CPU kernel: each halo pixel from the new tile of an executed neighbour (written in the
+    same call) or from the state, interiors from the tiles, the state updated as by a scatter."""
+    t = 4
+    state = torch.randn(3, 5, 4 * t, 5 * t).to(dtype).contiguous(memory_format=memory_format)
+    grid = torch.rand(3, 1, 4, 5) < 0.5
+    grid[0, 0, 0, 0] = grid[0, 0, 0, 1] = grid[2, 0, 3, 4] = True  # neighbours, a corner
+    index = TileIndex.from_grid(grid)
+    for halo in [(0, 0, 0, 0), (1, 1, 1, 1), (2, 1, 0, 3), (7, 7, 7, 7), (21, 0, 0, 17)]:
+        tiles = torch.randn(len(index), 5, t, t, dtype=torch.float64)  # cast to the state's dtype on the way
+        fast, reference = state.clone(), state.clone()
+        grown = update_and_gather(fast, tiles, index, halo, border, value)
+        scatter_tiles_reference(reference, tiles, index)
+        assert torch.equal(fast, reference)
+        assert torch.equal(grown, gather_tiles_reference(reference, index, t, halo, border, value))
+        assert grown.is_contiguous(memory_format=memory_format)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
