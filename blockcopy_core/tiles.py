@@ -118,13 +118,12 @@ def update_and_gather(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex
     _check_halo(state, halo, border)
     t = tiles.shape[-1]
     kernels = _kernels(state)
-    fused = (kernels is not None and tiles.device == state.device and state.shape[-2] % t == 0
-             and state.shape[-1] % t == 0 and memory_format_of(state) == torch.channels_last)
+    aligned = tiles.device == state.device and state.shape[-2] % t == 0 and state.shape[-1] % t == 0
+    fused = kernels is not None and aligned and memory_format_of(state) == torch.channels_last
     if not fused:
-        if state.device.type == "cpu" and tiles.device == state.device and not _reference_only \
-                and (border in ("constant", "replicate") or not any(halo)) \
-                and state.shape[-2] % t == 0 and state.shape[-1] % t == 0 and _cpu_kernels(state) is not None:
-            return _update_and_gather_cpu(state, tiles, index, halo, border, value)
+        cpu = _cpu_kernels(state) if state.device.type == "cpu" and aligned and not _reference_only else None
+        if cpu is not None and (border in ("constant", "replicate") or not any(halo)):
+            return _update_and_gather_cpu(cpu, state, tiles, index, halo, border, value)
         scatter_tiles(state, tiles, index)
         return gather_tiles(state, index, t, halo, border, value)
     if tile_map is None:
@@ -204,17 +203,17 @@ def _gather_tiles_cpu(state: torch.Tensor, index: TileIndex, tile_size: int, hal
     return out
 
 
-def _update_and_gather_cpu(state: torch.Tensor, tiles: torch.Tensor, index: TileIndex,
+def _update_and_gather_cpu(kernels, state: torch.Tensor, tiles: torch.Tensor, index: TileIndex,
                            halo: tuple[int, int, int, int], border: str, value: float) -> torch.Tensor:
-    """:func:`update_and_gather` by the C++ kernels (``constant`` and ``replicate`` borders)."""
+    """:func:`update_and_gather` by the C++ ``kernels`` (``constant`` and ``replicate`` borders)."""
     left, right, top, bottom = halo
     t = tiles.shape[-1]
     memory_format = memory_format_of(state)
     tiles = tiles.to(state.dtype).contiguous(memory_format=memory_format)
     out = torch.empty(len(index), state.shape[1], t + top + bottom, t + left + right, dtype=state.dtype,
                       device=state.device, memory_format=memory_format)
-    _cpu_kernels(state).update_gather_windows(state, tiles, out, *_index_tensors(index, state.device), left, right,
-                                              top, bottom, border == "replicate", float(value))
+    kernels.update_gather_windows(state, tiles, out, *_index_tensors(index, state.device), left, right, top, bottom,
+                                  border == "replicate", float(value))
     return out
 
 
