@@ -3,6 +3,7 @@ for the end-to-end benchmarks in ``tools/``."""
 from __future__ import annotations
 
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -70,6 +71,33 @@ class PhaseLog:
 
     def __call__(self, message: str) -> None:
         print(f"[{time.perf_counter() - self._started:7.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+class MeasuredRows:
+    """The rows of an end-to-end benchmark, written out as they are measured: after every tau the row's
+    newest line is printed (``table(rows)`` makes markdown of row dicts with a ``"blockcopy"`` dict keyed
+    by tau) and ``path`` is rewritten as ``{"environment": ..., "results": rows}``, so that a run stopped
+    by a time limit keeps what it measured."""
+
+    def __init__(self, path: str, environment: dict, table: Callable[[list[dict]], str]) -> None:
+        self.path, self.environment, self.table, self.rows = path, environment, table, []
+
+    def measured(self, row: dict) -> None:
+        """``row`` is the configuration being measured (not yet in ``rows``), its last tau just finished."""
+        print(self.table([{**row, "blockcopy": dict(list(row["blockcopy"].items())[-1:])}]), flush=True)
+        self._write(self.rows + [row])
+
+    def append(self, row: dict) -> None:
+        """``row``'s configuration is finished."""
+        self.rows.append(row)
+        self._write(self.rows)
+
+    def summary(self) -> str:
+        return f"\n{self.environment}\n\n{self.table(self.rows)}"
+
+    def _write(self, rows: list[dict]) -> None:
+        with open(self.path, "w") as f:
+            json.dump({"environment": self.environment, "results": rows}, f, indent=1)
 
 
 def print_top_operators(title: str, step: Callable[[], object]) -> None:

@@ -138,9 +138,9 @@ def blockcopy_mosaic(frame: torch.Tensor | np.ndarray, grid: torch.Tensor | np.n
                      title: str = "", executed: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """A 2x2 mosaic of one frame of one stream.
 
-    Panels: (1) the frame with the selected blocks tinted green (bucket extras amber), (2) the frame state, (3) the IG map over a
-    dimmed frame (black on a clip's first frame, which has no IG), (4) the frame with the detections
-    (and the ground truth, thin white, if given).
+    Panels: (1) the frame with the selected blocks tinted green (bucket extras amber), (2) the frame
+    state, (3) the IG map over a dimmed frame (black on a clip's first frame, which has no IG), (4) the
+    frame with the detections (and the ground truth, thin white, if given).
 
     Args:
         frame: (3, H, W) or (H, W, 3), values 0..255.

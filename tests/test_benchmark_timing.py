@@ -1,12 +1,13 @@
 """The benchmarks' timing helpers: steps taking turns (blockcopy_core.timing) and the Detectron2 stage timer
 of tools/benchmark_d2.py, which must leave the model as it was."""
 import importlib.util
+import json
 
 import pytest
 import torch
 
 from blockcopy_core.paths import REPO_ROOT
-from blockcopy_core.timing import interleaved_step_ms, median_step_ms
+from blockcopy_core.timing import MeasuredRows, interleaved_step_ms, median_step_ms
 
 
 def test_interleaved_steps_take_turns_on_each_index():
@@ -27,6 +28,24 @@ def test_benchmark_warms_every_side_up_then_times_them_in_turns():
     assert calls == [("dense", 0), ("sparse", 0), ("dense", 1), ("sparse", 1), ("dense", 2), ("sparse", 2)]
     assert set(medians) == {"dense", "sparse"}
     assert median_step_ms(lambda i: None, 3, 0) >= 0  # what the benchmark times a single side with
+
+
+def test_measured_rows_keep_every_finished_tau_on_disk(tmp_path, capsys):
+    path = tmp_path / "run.json"
+    rows = MeasuredRows(str(path), {"device": "cpu"},
+                        lambda rs: "\n".join(f"{r['model']} {tau}" for r in rs for tau in r["blockcopy"]))
+    row = {"model": "a", "blockcopy": {0.3: {"ms": 1.0}}}
+    rows.measured(row)  # a time limit stopping the run here keeps tau 0.3
+    assert json.loads(path.read_text()) == {"environment": {"device": "cpu"},
+                                            "results": [{"model": "a", "blockcopy": {"0.3": {"ms": 1.0}}}]}
+    row["blockcopy"][0.5] = {"ms": 2.0}
+    rows.measured(row)
+    assert capsys.readouterr().out.split() == ["a", "0.3", "a", "0.5"]  # only the newest tau each time
+    rows.append(row)
+    rows.measured({"model": "b", "blockcopy": {0.3: {"ms": 3.0}}})
+    results = json.loads(path.read_text())["results"]
+    assert [r["model"] for r in results] == ["a", "b"] and list(results[0]["blockcopy"]) == ["0.3", "0.5"]
+    assert rows.summary().endswith("a 0.3\na 0.5")  # finished configurations only
 
 
 def _benchmark_d2():

@@ -19,7 +19,8 @@ from cityscapes_fixture import write_cityscapes  # noqa: E402
 CONFIGS = REPO_ROOT / "configs" / "Cityscapes"
 SMALL = ["MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", "18", "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
          "MODEL.FPN.OUT_CHANNELS", "64", "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "512",
-         "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.WEIGHTS", "", "MODEL.BLOCKCOPY.WARMUP_CLIPS", "3", "DATALOADER.NUM_WORKERS", "0"]
+         "TEST.DETECTIONS_PER_IMAGE", "10", "MODEL.WEIGHTS", "", "MODEL.BLOCKCOPY.WARMUP_CLIPS", "3",
+         "DATALOADER.NUM_WORKERS", "0"]
 
 
 @pytest.fixture(scope="module")

@@ -138,7 +138,8 @@ def test_unsupported_op_is_named_with_its_module(fn, op):
     assert f"'{op}'" in str(info.value) and "head (Lambda)" in str(info.value)
 
 
-@pytest.mark.parametrize("fn", [lambda x: F.normalize(x, dim=-1), lambda x: x / torch.linalg.vector_norm(x, dim=(1, 2))])
+@pytest.mark.parametrize("fn", [lambda x: F.normalize(x, dim=-1),
+                                lambda x: x / torch.linalg.vector_norm(x, dim=(1, 2))])
 def test_norm_over_a_spatial_dim_is_refused_with_the_reason(fn):
     with pytest.raises(bc.UnsupportedOperationError, match="a spatial dim of the"):
         run_two_frames(Head(fn))

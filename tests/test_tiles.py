@@ -123,7 +123,8 @@ def test_scatter_writes_exactly_the_executed_blocks():
     t = 3
     state = torch.randn(2, 5, 2 * t, 3 * t)
     before = state.clone()
-    grid = torch.tensor([[[[True, False, False], [False, False, True]]], [[[False, True, False], [False, False, False]]]])
+    grid = torch.tensor([[[[True, False, False], [False, False, True]]],
+                         [[[False, True, False], [False, False, False]]]])
     index = TileIndex.from_grid(grid)
     tiles = torch.randn(len(index), 5, t, t)
     scatter_tiles(state, tiles, index)

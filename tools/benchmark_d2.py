@@ -53,7 +53,6 @@ Prints a table per configuration and one of all at the end, and writes a JSON fi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -71,7 +70,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 import blockcopy_d2  # noqa: E402,F401  (registers the meta-architectures)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
-from blockcopy_core.timing import (PhaseLog, benchmark_environment, interleaved_step_ms,  # noqa: E402
+from blockcopy_core.timing import (MeasuredRows, PhaseLog, benchmark_environment, interleaved_step_ms,  # noqa: E402
                                    median_step_ms, print_top_operators, synchronize)
 from blockcopy_d2.config import add_blockcopy_config, merge_config_file  # noqa: E402
 
@@ -456,12 +455,7 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     environment = {**benchmark_environment(cuda), "size": f"{height}x{width}", "block": args.block,
                    "frames": args.frames, "warmup": args.warmup}
-    rows, log = [], PhaseLog()
-
-    def measured(row: dict) -> None:  # the row being measured, not yet in rows
-        # written after every tau: a run stopped by a time limit keeps what it measured
-        print(markdown_table([{**row, "blockcopy": dict(list(row["blockcopy"].items())[-1:])}]), flush=True)
-        Path(args.json).write_text(json.dumps({"environment": environment, "results": rows + [row]}, indent=1))
+    rows, log = MeasuredRows(args.json, environment, markdown_table), PhaseLog()
 
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
@@ -469,9 +463,9 @@ def main() -> None:
                 rows.append(measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
                                     args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
                                     cuda and not args.eager_engine, cuda and not args.eager_loop, args.profile,
-                                    args.stages, log, measured))
+                                    args.stages, log, rows.measured))
                 torch._dynamo.reset()
-    print(f"\n{environment}\n\n{markdown_table(rows)}")
+    print(rows.summary())
 
 
 if __name__ == "__main__":

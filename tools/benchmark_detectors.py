@@ -27,7 +27,6 @@ Prints a table and writes a JSON file.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -45,7 +44,7 @@ from mmengine.config import Config  # noqa: E402
 
 import blockcopy_mmdet  # noqa: E402,F401  (registers the models)
 from blockcopy_core.protocol import compile_dense  # noqa: E402
-from blockcopy_core.timing import (PhaseLog, benchmark_environment, interleaved_step_ms,  # noqa: E402
+from blockcopy_core.timing import (MeasuredRows, PhaseLog, benchmark_environment, interleaved_step_ms,  # noqa: E402
                                    median_step_ms, print_top_operators)
 from blockcopy_mmdet.detector import predict_from_trunk, trunk_of  # noqa: E402
 
@@ -209,12 +208,7 @@ def main() -> None:
     height, width = (int(v) for v in args.size.split("x"))
     environment = {**benchmark_environment(args.device == "cuda"), "size": f"{height}x{width}", "block": args.block,
                    "frames": args.frames, "warmup": args.warmup}
-    rows, log = [], PhaseLog()
-
-    def measured(row: dict) -> None:  # the row being measured, not yet in rows
-        # written after every tau: a run stopped by a time limit keeps what it measured
-        print(markdown_table([{**row, "blockcopy": dict(list(row["blockcopy"].items())[-1:])}]), flush=True)
-        Path(args.json).write_text(json.dumps({"environment": environment, "results": rows + [row]}, indent=1))
+    rows, log = MeasuredRows(args.json, environment, markdown_table), PhaseLog()
 
     for name in args.models.split(","):
         for dtype_name in args.dtypes.split(","):
@@ -222,9 +216,9 @@ def main() -> None:
                 rows.append(measure(name, dtype_name, n, [float(t) for t in args.taus.split(",")], height, width,
                                     args.frames, args.warmup, args.block, args.ceiling, torch.device(args.device),
                                     not args.eager_engine, args.device == "cuda" and not args.eager_loop,
-                                    args.profile, log, measured))
+                                    args.profile, log, rows.measured))
                 torch._dynamo.reset()
-    print(f"\n{environment}\n\n{markdown_table(rows)}")
+    print(rows.summary())
 
 
 if __name__ == "__main__":

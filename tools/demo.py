@@ -171,7 +171,8 @@ def demo_metadata(cfg) -> Metadata:
     return MetadataCatalog.get(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else Metadata(name="blockcopy_demo")
 
 
-def draw_output(rgb: np.ndarray, output: dict[str, Any], metadata: Metadata, threshold: float) -> tuple[np.ndarray, int]:
+def draw_output(rgb: np.ndarray, output: dict[str, Any], metadata: Metadata,
+                threshold: float) -> tuple[np.ndarray, int]:
     """The frame with the model's output drawn by Detectron2's ``Visualizer``; and how many detections."""
     visualizer = Visualizer(rgb, metadata, instance_mode=ColorMode.IMAGE)
     if "sem_seg" in output:
@@ -231,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "per frame with reading, drawing and writing)")
     if summary["statistics"] is not None:
         stats = summary["statistics"]
-        print(f"Executed fraction {stats['executed_fraction']:.3f} (policy frames {stats['policy_executed_fraction']:.3f}), "
+        print(f"Executed fraction {stats['executed_fraction']:.3f} "
+              f"(policy frames {stats['policy_executed_fraction']:.3f}), "
               f"{stats['ms_per_frame']['total']:.1f} ms per frame in the model "
               f"({', '.join(f'{k} {v:.1f}' for k, v in stats['ms_per_frame'].items() if k != 'total')})")
     return summary

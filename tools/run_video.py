@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(args.device),
-        "config": {"video": video.name, "ground_truth": None if gt_path is None else gt_path.name, "frames": num_frames, "warmup": args.warmup,
+        "config": {"video": video.name, "ground_truth": None if gt_path is None else gt_path.name,
+                   "frames": num_frames, "warmup": args.warmup,
                    "evaluated_frames": [eval_numbers.start, eval_numbers.stop - 1], "taus": args.taus,
                    "methods": args.methods, "seed": args.seed, "threads": torch.get_num_threads(),
                    "block_size": BLOCK_SIZE, "compile": args.compile, "buckets": args.buckets,

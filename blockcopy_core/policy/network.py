@@ -44,10 +44,10 @@ class PolicyNet(nn.Module):
     The four inputs are resized to ``(Gh * STRIDE, Gw * STRIDE)`` and concatenated
     (3 + 3 + C_out + 1 channels). The frame and frame state are thus downscaled by
     ``block_size / STRIDE`` (area averaging): by 4 for 128-px blocks (2048x1024 -> 512x256), by 2 for
-    64-px blocks (blocks under 32 px upsample them). The backbone's total stride ``STRIDE = 32`` then leaves exactly one position per
-    block: a conv stem (3x3 stride 2, BN, ReLU, 3x3 max-pool stride 2), three stages of one
-    BasicBlock each (stride 2 each) and a 1x1 conv head with one output channel: 1 + 3 * 2 + 1 = 8
-    weighted layers.
+    64-px blocks (blocks under 32 px upsample them). The backbone's total stride ``STRIDE = 32`` then
+    leaves exactly one position per block: a conv stem (3x3 stride 2, BN, ReLU, 3x3 max-pool stride
+    2), three stages of one BasicBlock each (stride 2 each) and a 1x1 conv head with one output
+    channel: 1 + 3 * 2 + 1 = 8 weighted layers.
 
     The head's weight starts at zero and its bias at ``initial_logit(initial_target)``, so every block
     starts with execution probability ~ tau and the policy starts near the target cost.
