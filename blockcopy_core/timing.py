@@ -74,10 +74,11 @@ class PhaseLog:
 
 
 class MeasuredRows:
-    """The rows of an end-to-end benchmark, written out as they are measured: after every tau the row's
-    newest line is printed (``table(rows)`` makes markdown of row dicts with a ``"blockcopy"`` dict keyed
-    by tau) and ``path`` is rewritten as ``{"environment": ..., "results": rows}``, so that a run stopped
-    by a time limit keeps what it measured."""
+    """The rows of a benchmark, written out as they are measured: ``path`` is rewritten as
+    ``{"environment": ..., "results": rows}`` after every finished row (:meth:`append`) and, in the
+    end-to-end benchmarks, after every tau of the row being measured (:meth:`measured`, which also prints
+    that tau's line), so that a run stopped by a time limit keeps what it measured. ``table(rows)`` makes
+    markdown of rows (for :meth:`measured`: row dicts with a ``"blockcopy"`` dict keyed by tau)."""
 
     def __init__(self, path: str, environment: dict, table: Callable[[list[dict]], str]) -> None:
         self.path, self.environment, self.table, self.rows = path, environment, table, []

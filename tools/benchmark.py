@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import json
 import platform
 import statistics
 import time
@@ -58,7 +57,7 @@ from tqdm import tqdm
 import blockcopy_core as bc
 from blockcopy_core.graphs import graphed
 from blockcopy_core.protocol import compile_dense, relative_error
-from blockcopy_core.timing import interleaved_step_ms, median_step_ms, synchronize
+from blockcopy_core.timing import MeasuredRows, interleaved_step_ms, median_step_ms, synchronize
 
 def torchvision_trunk(name: str) -> torch.nn.Module:
     """A torchvision ResNet up to stride 32, random weights. The last BatchNorm of each residual branch
@@ -361,18 +360,15 @@ def main() -> None:
         "date": datetime.date.today().isoformat(), "size": f"{height}x{width}", "block": args.block,
         "frames": args.frames, "warmup": args.warmup,
     }
-    rows = []
+    rows = MeasuredRows(args.json, environment, markdown_table)  # the JSON rewritten after every configuration
     for model_name, dtype_name, n in tqdm(configs, desc="benchmark", unit="config"):
         measured = measure(model_name, dtypes[dtype_name], n, fractions, height, width, args.block,
                            args.frames, args.warmup, args.profile, not args.no_compile, not args.no_compile_sparse,
                            torch.device(args.device))
         tqdm.write(markdown_table(measured))
-        rows += measured
-        # written after every configuration: a run stopped by a time limit keeps what it measured
-        with open(args.json, "w") as f:
-            json.dump({"environment": environment, "results": rows}, f, indent=1)
-    print(f"\n{environment}\n")
-    print(markdown_table(rows))
+        for row in measured:
+            rows.append(row)
+    print(rows.summary())
 
 
 def markdown_table(rows: list[dict]) -> str:
