@@ -78,3 +78,18 @@ def test_stage_timer_times_each_stage_and_restores_the_model(name):
         torch.testing.assert_close(outputs[0]["instances"].scores, expected[0]["instances"].scores)
     # nothing of the timer is left on the model: methods and forwards are the classes' own again
     assert "forward" not in vars(model.backbone) and "preprocess_image" not in vars(model)
+
+
+def test_benchmark_d2_writes_a_tau_before_compiling_its_ceiling():
+    """A time limit that stops the ceiling's compilation (it took 20 s per tau on the H200, after minutes of
+    warm-up) must not lose the tau's timed figures: ``measured`` sees them first, then again with the ceiling."""
+    bench = _benchmark_d2()
+    seen = []
+    row = bench.measure("retinanet", "fp32", 1, [0.3], 128, 256, frames=1, warmup=2, block=128, ceiling=True,
+                        device=torch.device("cpu"), compile_engine=False, fast_loop=False,
+                        measured=lambda r: seen.append(json.loads(json.dumps(r["blockcopy"][0.3]))))
+    assert len(seen) == 2
+    assert "ceiling_ms" not in seen[0] and seen[0]["ms"] > 0 and seen[0]["dense_ms"] > 0
+    final = row["blockcopy"][0.3]
+    assert seen[1]["ms"] == seen[0]["ms"] == final["ms"] and seen[1]["ceiling_ms"] == final["ceiling_ms"]
+    assert seen[1]["ceiling_ms"] > 0 and seen[1]["ceiling_speedup"] == seen[1]["dense_ms"] / seen[1]["ceiling_ms"]

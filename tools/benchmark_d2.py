@@ -303,7 +303,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             fast_loop: bool, profile: bool = False, stages: bool = False, log=lambda message: None,
             measured=lambda row: None) -> dict:
     """One row (model, dtype, N) with a result per tau; ``log(message)`` is told each phase, ``measured(row)``
-    is called after each tau with the row so far."""
+    is called after each tau with the row so far (with ``ceiling``, also before the ceiling is measured)."""
     dtype = DTYPES[dtype_name]
     title = f"{name} {dtype_name} N={n}"
     log(f"{title}: eager fp32")
@@ -382,6 +382,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
                 print_top_operators(f"{name} {dtype_name} BlockCopy tau {tau}",
                                     lambda: steps(model, inputs, [])(warmup + frames - 1))
             if ceiling:
+                measured(row)  # on disk before the ceiling's compilation, which a time limit may cut short
                 log(f"{title} tau {tau}: ceiling (compiling the trunk for the executed tiles)")
                 executed = round(row["blockcopy"][tau]["executed_fraction"] * n * (height // block) * (width // block))
                 tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype)

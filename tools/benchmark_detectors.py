@@ -85,7 +85,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             fast_loop: bool, profile: bool = False, log=lambda message: None,
             measured=lambda row: None) -> dict:
     """One row (model, dtype, N) with a result per tau; ``log(message)`` is told each phase, ``measured(row)``
-    is called after each tau with the row so far."""
+    is called after each tau with the row so far (with ``ceiling``, also before the ceiling is measured)."""
     dtype = DTYPES[dtype_name]
     title = f"{name} {dtype_name} N={n}"
     log(f"{title}: eager")
@@ -146,6 +146,7 @@ def measure(name: str, dtype_name: str, n: int, taus: list[float], height: int, 
             print_top_operators(f"{name} {dtype_name} N={n} BlockCopy tau {tau}",
                                 lambda: wrapped.predict(video[last], metas[last]))
         if ceiling:  # compiles the network once more, for the tile batch's shape
+            measured(row)  # on disk before that compilation, which a time limit may cut short
             log(f"{title} tau {tau}: ceiling (compiling the network for the executed tiles)")
             executed = round(row["blockcopy"][tau]["executed_fraction"] * n * (height // block) * (width // block))
             tiles = torch.randn(max(executed, 1), 3, block, block, device=device, dtype=dtype).contiguous(
