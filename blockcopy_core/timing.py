@@ -84,7 +84,8 @@ class MeasuredRows:
         self.path, self.environment, self.table, self.rows = path, environment, table, []
 
     def measured(self, row: dict) -> None:
-        """``row`` is the configuration being measured (not yet in ``rows``), its last tau just finished."""
+        """``row`` is the configuration being measured (not yet in ``rows``), its last tau just timed (called
+        again for that tau when more of its figures, such as a ceiling, are added)."""
         print(self.table([{**row, "blockcopy": dict(list(row["blockcopy"].items())[-1:])}]), flush=True)
         self._write(self.rows + [row])
 
